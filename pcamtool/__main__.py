@@ -1,0 +1,4 @@
+"""``python -m pcamtool`` is ``pcamtool``; also what ``torchrun -m pcamtool`` runs."""
+from .cli import main
+
+main()

@@ -1,0 +1,45 @@
+"""The exceptions pcamtool raises.
+
+Every error a user can cause derives from :class:`PcamError`, which is also a
+``ValueError`` so existing handlers still catch it. The CLI turns it into one
+line on stderr and a non-zero exit; the library never prints tracebacks for
+user mistakes.
+"""
+from __future__ import annotations
+
+
+class PcamError(ValueError):
+    """Base class of every error caused by bad input or a bad request."""
+
+
+class BadImageError(PcamError):
+    """A tif could not be read, or is not a 96x96 RGB uint8 patch."""
+
+    def __init__(self, path: object, problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+
+class LabelsError(PcamError):
+    """A labels CSV is malformed or does not match the images."""
+
+
+class StoreError(PcamError):
+    """A store is missing, truncated, of another format, or lacks what is asked of it."""
+
+
+class ModelError(PcamError):
+    """A checkpoint or ONNX model is missing, foreign, or does not fit the data."""
+
+
+class ExistsError(PcamError):
+    """An output already exists and ``force`` was not given."""
+
+    def __init__(self, path: object) -> None:
+        self.path = str(path)
+        super().__init__(f"{path}: already exists (use --force to overwrite)")
+
+
+class TrainingError(PcamError):
+    """Training cannot go on (NaN loss, out of memory, mismatched resume)."""

@@ -1,0 +1,257 @@
+"""Pack a folder of tifs into one store: ``pcamtool pack data/train``.
+
+Reads every ``.tif`` in the folder (fast path + tifffile fallback, on worker
+threads), takes labels from ``<folder>_labels.csv`` beside it when present,
+and writes ``<folder>.h5`` through a temporary name, computing the exact
+channel statistics with a numba kernel on the way.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from . import __version__
+from .csvio import read_labels
+from .errors import BadImageError, LabelsError, PcamError
+from .fsutil import check_writable, partial_name
+from .kernels.stats import channel_sums
+from .progress import progress_bar
+from .store import COMPRESSIONS, FORMAT, FORMAT_VERSION, StoreWriter, channel_stats
+from .tiff import iter_batches, list_tifs
+
+log = logging.getLogger("pcamtool")
+
+BatchTransform = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class PackResult:
+    """What a pack wrote."""
+
+    path: Path
+    count: int
+    n_positive: int
+    n_unlabelled: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.count / self.seconds if self.seconds else 0.0
+
+
+def default_workers() -> int:
+    """Threads for decoding: the cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def default_labels_path(src: Path) -> Path:
+    """Kaggle keeps ``train_labels.csv`` beside ``train/``."""
+    return src.parent / f"{src.name}_labels.csv"
+
+
+def default_store_path(src: Path) -> Path:
+    """``data/train`` packs to ``data/train.h5``."""
+    return src.parent / f"{src.name}.h5"
+
+
+def _few(names: list[str], n: int = 3) -> str:
+    more = f" and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def _match_labels(src: Path, tifs: list[Path], labels: dict[str, int], labels_path: Path,
+                  skip_bad: bool, skipped: list[tuple[str, str]]) -> tuple[list[Path], np.ndarray]:
+    """Pair images with labels; mismatches are errors (or skipped with ``skip_bad``)."""
+    stems = {p.stem for p in tifs}
+    orphans = sorted(k for k in labels if k not in stems)
+    unlabelled = [p for p in tifs if p.stem not in labels]
+    if unlabelled:
+        if not skip_bad:
+            raise LabelsError(f"{labels_path}: no label row for {len(unlabelled)} image(s) in {src}: "
+                              f"{_few([p.name for p in unlabelled])}")
+        skipped.extend((str(p), "no label row") for p in unlabelled)
+        tifs = [p for p in tifs if p.stem in labels]
+    if orphans:
+        msg = f"{labels_path}: {len(orphans)} label row(s) have no image in {src}: {_few(orphans)}"
+        if not skip_bad:
+            raise LabelsError(msg)
+        log.warning("%s (ignored)", msg)
+    return tifs, np.array([labels[p.stem] for p in tifs], np.int8)
+
+
+def pack(src: str | os.PathLike, labels: Optional[str | os.PathLike] = None,
+         out: Optional[str | os.PathLike] = None, workers: Optional[int] = None,
+         chunk: int = 512, compression: str = "none", skip_bad: bool = False,
+         force: bool = False, transform: Optional[BatchTransform] = None,
+         stain: Optional[dict] = None, progress: bool = True) -> PackResult:
+    """Pack the tifs of ``src`` into an HDF5 store.
+
+    Parameters
+    ----------
+    src
+        Folder of ``<id>.tif`` files (Kaggle layout).
+    labels
+        ``id,label`` CSV; default ``<src>_labels.csv`` beside ``src`` if present,
+        else the store is unlabelled (labels -1).
+    out
+        Store path; default ``<src>.h5`` beside ``src``.
+    workers
+        Decoding threads (default: the usable cores).
+    chunk
+        Rows per HDF5 chunk (also the decoding batch).
+    compression
+        ``none`` (memory-mappable, fastest to train from), ``lzf`` or ``gzip``.
+    skip_bad
+        Skip unreadable or mismatched files (listed in the store) instead of failing.
+    force
+        Replace an existing store.
+    transform
+        Applied to every decoded uint8 batch before it is written (stain
+        normalization); ``stain`` describes it for the store's attributes.
+
+    Raises
+    ------
+    PcamError
+        Bad folder, labels or images (the message names the file).
+    """
+    t0 = time.perf_counter()
+    src = Path(src)
+    if not src.exists():
+        raise PcamError(f"{src}: folder not found")
+    if not src.is_dir():
+        raise PcamError(f"{src}: not a folder of tifs")
+    if compression not in COMPRESSIONS:
+        raise PcamError(f"unknown compression {compression!r} (choose from {', '.join(COMPRESSIONS)})")
+    if chunk < 1:
+        raise PcamError(f"--chunk must be at least 1, got {chunk}")
+    out_path = Path(out) if out is not None else default_store_path(src)
+    check_writable(out_path, force)
+
+    tifs, others = list_tifs(src)
+    if others:
+        log.warning("%s: ignoring %d non-tif file(s): %s", src, len(others), _few([p.name for p in others]))
+    if not tifs:
+        raise PcamError(f"{src}: no .tif files found")
+    seen: dict[str, Path] = {}
+    for p in tifs:
+        if p.stem in seen:
+            raise LabelsError(f"{src}: duplicate id {p.stem} ({seen[p.stem].name} and {p.name})")
+        seen[p.stem] = p
+    tifs.sort(key=lambda p: p.stem)  # rows sorted by id, whatever the suffix
+
+    skipped: list[tuple[str, str]] = []
+    labels_path = Path(labels) if labels is not None else default_labels_path(src)
+    if labels is not None or labels_path.exists():
+        table = read_labels(labels_path)
+        tifs, y = _match_labels(src, tifs, table, labels_path, skip_bad, skipped)
+        labels_source = str(labels_path.resolve())
+    else:
+        y = np.full(len(tifs), -1, np.int8)
+        labels_source = ""
+        log.info("%s: no labels file, packing unlabelled", labels_path)
+    if not tifs:
+        raise PcamError(f"{src}: no usable images left")
+
+    tmp = partial_name(out_path)
+    tmp.unlink(missing_ok=True)  # a leftover of a killed run: start over
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    paths = [str(p) for p in tifs]
+    sums = np.zeros(3, np.uint64)
+    sqsums = np.zeros(3, np.uint64)
+    kept_ids: list[str] = []
+    kept_labels: list[np.ndarray] = []
+    try:
+        with StoreWriter(tmp, len(paths), chunk, compression) as writer, \
+                progress_bar(total=len(paths), desc=f"pack {src.name}", enabled=progress) as bar:
+            rows = _RowBuffer(writer)
+            for batch in iter_batches(paths, writer.chunk, workers or default_workers()):
+                keep = np.array([e is None for e in batch.errors])
+                bad = [e for e in batch.errors if e is not None]
+                if bad and not skip_bad:
+                    raise bad[0]
+                skipped.extend((e.path, e.problem) for e in bad)
+                images = batch.images if keep.all() else batch.images[keep]
+                if transform is not None:
+                    images = transform(images)
+                channel_sums(images, np.ones(len(images), np.bool_), sums, sqsums)
+                rows.add(images)
+                sel = np.flatnonzero(keep) + batch.start
+                kept_ids.extend(tifs[i].stem for i in sel)
+                kept_labels.append(y[sel])
+                bar.update(len(batch.images))
+            rows.flush()
+            count = len(kept_ids)
+            if count == 0:
+                raise PcamError(f"{src}: every image was bad ({len(skipped)} skipped)")
+            labels_arr = np.concatenate(kept_labels)
+            mean, std = channel_stats(sums, sqsums, count)
+            writer.images.resize(count, axis=0)
+            writer.n = count
+            attrs = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "pcamtool_version": __version__,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "source": str(src.resolve()),
+                "labels_source": labels_source,
+                "count": count,
+                "n_positive": int((labels_arr == 1).sum()),
+                "n_unlabelled": int((labels_arr < 0).sum()),
+                "mean": mean,
+                "std": std,
+                "options": json.dumps({"chunk": writer.chunk, "compression": compression,
+                                       "skip_bad": skip_bad}),
+                "skipped": json.dumps(skipped),
+                "stain": json.dumps(stain or {"method": "none"}),
+            }
+            writer.finish(kept_ids, labels_arr, attrs)
+        os.replace(tmp, out_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    for path, problem in skipped:
+        log.warning("skipped %s: %s", path, problem)
+    return PackResult(out_path, count, int((labels_arr == 1).sum()), int((labels_arr < 0).sum()),
+                      tuple(mean), tuple(std), skipped, time.perf_counter() - t0)
+
+
+class _RowBuffer:
+    """Collects rows into whole chunks, since skipped files break chunk alignment."""
+
+    def __init__(self, writer: StoreWriter) -> None:
+        self.writer = writer
+        self.buf = np.empty((writer.chunk, 96, 96, 3), np.uint8)
+        self.fill = 0
+
+    def add(self, images: np.ndarray) -> None:
+        if self.fill == 0 and len(images) == self.writer.chunk:
+            self.writer.write(images)  # the common case: no copy
+            return
+        i = 0
+        while i < len(images):
+            take = min(len(images) - i, self.writer.chunk - self.fill)
+            self.buf[self.fill:self.fill + take] = images[i:i + take]
+            self.fill += take
+            i += take
+            if self.fill == self.writer.chunk:
+                self.writer.write(self.buf)
+                self.fill = 0
+
+    def flush(self) -> None:
+        if self.fill:
+            self.writer.write(self.buf[:self.fill])
+            self.fill = 0

@@ -1,0 +1,267 @@
+"""The pcamtool store: one chunked HDF5 file of patches, labels and ids.
+
+Format ``pcamtool-store`` version 1 (public, see README):
+
+* ``images``  uint8 (N, 96, 96, 3), chunked along the first axis,
+  uncompressed by default so readers can memory-map the chunks;
+* ``labels``  int8 (N,), -1 where unlabelled;
+* ``ids``     fixed-length ASCII (N,), rows sorted by id;
+* root attributes: ``format``, ``format_version``, ``mean`` and ``std``
+  (float64 (3,), of pixels/255, exact over the whole set), ``count``,
+  ``n_positive``, ``n_unlabelled``, ``pcamtool_version``, ``created``,
+  ``source``, ``labels_source``, ``options`` (JSON), ``skipped`` (JSON list of
+  ``[file, problem]``), ``stain`` (JSON of the stain normalization applied).
+
+Training reads batches through :meth:`Store.gather`, which copies rows out of
+a memory map of the file at the chunks' byte offsets: h5py's own fancy
+indexing reads whole chunks per batch and is ~400x slower.
+
+Example::
+
+    from pcamtool.store import open_store
+    store = open_store("data/train.h5")
+    batch = store.gather([5, 1, 9])   # (3, 96, 96, 3) uint8
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import h5py
+import numpy as np
+
+from .errors import StoreError
+from .kernels.stats import gather_rows
+
+FORMAT = "pcamtool-store"
+FORMAT_VERSION = 1
+SHAPE = (96, 96, 3)
+ROW_BYTES = int(np.prod(SHAPE))
+COMPRESSIONS = ("none", "lzf", "gzip")
+
+
+def channel_stats(sums: np.ndarray, sqsums: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std of pixels/255 per channel from exact integer sums over ``count`` images."""
+    n = float(count) * SHAPE[0] * SHAPE[1]
+    if n == 0:
+        return np.zeros(3), np.zeros(3)
+    # Python ints keep the sums exact before the one division.
+    mean = np.array([int(s) / n for s in sums]) / 255.0
+    var = np.array([int(q) / n for q in sqsums]) / 255.0**2 - mean**2
+    return mean, np.sqrt(np.maximum(var, 0.0))
+
+
+class StoreWriter:
+    """Write a store row-chunk by row-chunk (rows must arrive in order).
+
+    Use as a context manager over a temporary path; the caller renames it.
+    """
+
+    def __init__(self, path: str | os.PathLike, n: int, chunk: int = 512,
+                 compression: str = "none") -> None:
+        if compression not in COMPRESSIONS:
+            raise StoreError(f"unknown compression {compression!r} (choose from {', '.join(COMPRESSIONS)})")
+        self.path = Path(path)
+        self.n = n
+        self.chunk = max(1, min(int(chunk), max(n, 1)))
+        self.compression = compression
+        self._file = h5py.File(self.path, "w", libver=("earliest", "v110"), track_order=False)
+        kw: dict[str, Any] = {}
+        if compression == "lzf":
+            kw = {"compression": "lzf"}
+        elif compression == "gzip":
+            kw = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+        self.images = self._file.create_dataset(
+            "images", shape=(n, *SHAPE), dtype=np.uint8, chunks=(self.chunk, *SHAPE),
+            maxshape=(None, *SHAPE), **kw)  # resizable: skipped files shrink it
+        self._written = 0
+        self._pad = np.zeros((self.chunk, *SHAPE), np.uint8)
+
+    def write(self, images: np.ndarray) -> None:
+        """Append ``images`` (the next rows, a whole number of chunks except at the end)."""
+        start, stop = self._written, self._written + len(images)
+        if stop > self.n:
+            raise StoreError(f"{self.path}: {stop} rows written into a store of {self.n}")
+        if self.compression == "none":
+            # Whole chunks go straight to the file, bypassing the chunk cache.
+            for a in range(0, len(images), self.chunk):
+                part = images[a:a + self.chunk]
+                row = start + a
+                if row % self.chunk:
+                    raise StoreError("rows must be appended in whole chunks")
+                if len(part) < self.chunk:
+                    self._pad[:len(part)] = part
+                    self._pad[len(part):] = 0
+                    part = self._pad
+                self.images.id.write_direct_chunk((row, 0, 0, 0), np.ascontiguousarray(part))
+        else:
+            self.images[start:stop] = images
+        self._written = stop
+
+    def finish(self, ids: Sequence[str], labels: np.ndarray, attrs: dict[str, Any]) -> None:
+        """Write ids, labels and root attributes; rows written must equal ``n``."""
+        if self._written != self.n:
+            raise StoreError(f"{self.path}: {self._written} of {self.n} rows written")
+        width = max([len(i) for i in ids] + [1])
+        self._file.create_dataset("ids", data=np.array(ids, dtype=f"S{width}"))
+        self._file.create_dataset("labels", data=np.asarray(labels, np.int8))
+        for k, v in attrs.items():
+            self._file.attrs[k] = v
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class Store:
+    """An open store: ids, labels and attributes in memory, images gathered on demand."""
+
+    path: Path
+    ids: np.ndarray                 # str (N,)
+    labels: np.ndarray              # int8 (N,)
+    attrs: dict[str, Any]
+    chunk_rows: int
+    compression: Optional[str]
+    _offsets: Optional[np.ndarray] = None   # byte offset of each chunk, for the map
+    _map: Optional[np.ndarray] = None       # the file as uint8 (mmap)
+    _ram: Optional[np.ndarray] = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return np.asarray(self.attrs["mean"], np.float64)
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.asarray(self.attrs["std"], np.float64)
+
+    @property
+    def has_labels(self) -> bool:
+        return bool(len(self.labels)) and bool((self.labels >= 0).all())
+
+    @property
+    def mappable(self) -> bool:
+        """True when rows can be gathered from a memory map (uncompressed, all chunks on disk)."""
+        return self._map is not None
+
+    def stain(self) -> dict[str, Any]:
+        """The stain normalization the images went through (``{"method": "none"}`` if none)."""
+        raw = self.attrs.get("stain")
+        return json.loads(raw) if raw else {"method": "none"}
+
+    def gather(self, indices: Sequence[int] | np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """Rows ``indices`` as a (B, 96, 96, 3) uint8 array (any order, repeats allowed)."""
+        idx = np.asarray(indices, np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"row index out of range for a store of {len(self)} rows")
+        if out is None:
+            out = np.empty((len(idx), *SHAPE), np.uint8)
+        if self._ram is not None:
+            np.take(self._ram, idx, axis=0, out=out)
+        elif self._map is not None:
+            gather_rows(self._map, self._offsets, self.chunk_rows, ROW_BYTES, idx,
+                        out.reshape(len(idx), ROW_BYTES))
+        else:
+            self.load()
+            np.take(self._ram, idx, axis=0, out=out)
+        return out
+
+    def load(self) -> np.ndarray:
+        """All images in RAM (decompressed once for compressed stores)."""
+        if self._ram is None:
+            if self._map is not None:
+                self._ram = self.gather(np.arange(len(self)))
+            else:
+                with h5py.File(self.path, "r") as f:
+                    self._ram = f["images"][...]
+        return self._ram
+
+    def chunks(self, size: int = 4096):
+        """Iterate ``(start, images)`` over the store in order, ``size`` rows at a time."""
+        for a in range(0, len(self), size):
+            yield a, self.gather(np.arange(a, min(a + size, len(self))))
+
+
+def _chunk_offsets(ds: h5py.Dataset) -> Optional[np.ndarray]:
+    """Byte offset of every chunk in row order, or None when the chunks cannot be mapped."""
+    if ds.compression is not None or ds.chunks is None or ds.scaleoffset is not None:
+        return None
+    if ds.shuffle or ds.fletcher32:
+        return None
+    rows = ds.chunks[0]
+    n_chunks = -(-ds.shape[0] // rows) if ds.shape[0] else 0
+    if ds.id.get_num_chunks() != n_chunks:
+        return None  # unwritten chunks read as zeros through h5py only
+    offsets = np.empty(n_chunks, np.int64)
+    for i in range(n_chunks):
+        info = ds.id.get_chunk_info(i)
+        if info.size != rows * ROW_BYTES or info.filter_mask:
+            return None
+        offsets[info.chunk_offset[0] // rows] = info.byte_offset
+    return offsets
+
+
+def open_store(path: str | os.PathLike, need_labels: bool = False) -> Store:
+    """Open a store for reading, checking its format.
+
+    Raises
+    ------
+    StoreError
+        Missing file, not HDF5 or truncated, another format or version, or
+        (with ``need_labels``) images without labels.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"{path}: store not found")
+    if path.is_dir():
+        raise StoreError(f"{path}: is a folder, expected a .h5 store (run 'pcamtool pack' on it first)")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise StoreError(f"{path}: not a readable HDF5 store (truncated or another format: {exc})") from None
+    with f:
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+        if attrs.get("format") != FORMAT:
+            raise StoreError(f"{path}: not a pcamtool store (format attribute is {attrs.get('format')!r})")
+        version = int(attrs.get("format_version", -1))
+        if version != FORMAT_VERSION:
+            raise StoreError(f"{path}: store format version {version}, this pcamtool reads version {FORMAT_VERSION}")
+        try:
+            ds = f["images"]
+            if ds.shape[1:] != SHAPE or ds.dtype != np.uint8:
+                raise StoreError(f"{path}: images are {ds.shape} {ds.dtype}, expected (N, 96, 96, 3) uint8")
+            ids = f["ids"][...].astype(str)
+            labels = f["labels"][...].astype(np.int8)
+            offsets = _chunk_offsets(ds)
+            chunk_rows = ds.chunks[0] if ds.chunks else len(ids)
+            compression = ds.compression
+        except KeyError as exc:
+            raise StoreError(f"{path}: incomplete store (missing {exc})") from None
+        except OSError as exc:
+            raise StoreError(f"{path}: damaged store ({exc})") from None
+    if len(ids) != ds.shape[0] or len(labels) != ds.shape[0]:
+        raise StoreError(f"{path}: {ds.shape[0]} images but {len(ids)} ids and {len(labels)} labels")
+    store = Store(path, ids, labels, attrs, chunk_rows, compression)
+    if offsets is not None and len(ids):
+        size = os.path.getsize(path)
+        if int(offsets.max()) + chunk_rows * ROW_BYTES > size:
+            raise StoreError(f"{path}: truncated (chunks run past the end of the file)")
+        with open(path, "rb") as fh:
+            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        store._map = np.frombuffer(mm, np.uint8)
+        store._offsets = offsets
+    if need_labels and not store.has_labels:
+        raise StoreError(f"{path}: store has no labels (pack it with a labels CSV)")
+    return store
