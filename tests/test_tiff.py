@@ -1,0 +1,119 @@
+"""The fast reader gives tifffile's pixels for every TIFF variant and names bad files."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from pcamtool.errors import BadImageError
+from pcamtool.kernels import plain
+from pcamtool.kernels.decode import FALLBACK, OK, decode_tiff
+from pcamtool.tiff import iter_batches, read_into, read_patch
+
+from conftest import random_patches
+
+VARIANTS = {
+    "kaggle": dict(photometric="rgb"),
+    "big_endian": dict(photometric="rgb", byteorder=">"),
+    "many_strips": dict(photometric="rgb", rowsperstrip=7),
+    "deflate": dict(photometric="rgb", compression="zlib"),
+    "deflate_predictor": dict(photometric="rgb", compression="zlib", predictor=True),
+    "tiled": dict(photometric="rgb", tile=(32, 32)),
+    "packbits": dict(photometric="rgb", compression="packbits"),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variants_pixel_exact(tmp_path, variant):
+    img = random_patches(1, seed=3)[0]
+    path = tmp_path / "x.tif"
+    tifffile.imwrite(path, img, **VARIANTS[variant])
+    assert np.array_equal(read_patch(path), tifffile.imread(path))
+    assert np.array_equal(read_patch(path), img)
+
+
+def test_pil_written(tmp_path):
+    img = random_patches(1, seed=4)[0]
+    for comp in (None, "tiff_lzw", "tiff_adobe_deflate"):
+        path = tmp_path / f"pil_{comp}.tif"
+        Image.fromarray(img).save(path, compression=comp)
+        assert np.array_equal(read_patch(path), img), comp
+
+
+def test_fast_path_taken_for_kaggle_layout(tmp_path):
+    img = random_patches(1, seed=5)[0]
+    path = tmp_path / "k.tif"
+    tifffile.imwrite(path, img, photometric="rgb")
+    data = np.frombuffer(path.read_bytes(), np.uint8)
+    out = np.empty((96, 96, 3), np.uint8)
+    assert decode_tiff(data, data.size, out) == OK
+    assert np.array_equal(out, img)
+    out2 = np.zeros_like(out)
+    assert plain(decode_tiff)(data, data.size, out2) == OK  # the same source, not jitted
+    assert np.array_equal(out2, img)
+    # compressed: the fast path declines rather than guessing
+    tifffile.imwrite(path, img, photometric="rgb", compression="zlib")
+    data = np.frombuffer(path.read_bytes(), np.uint8)
+    assert decode_tiff(data, data.size, out) == FALLBACK
+
+
+def test_real_files_pixel_exact(real_dir):
+    files = sorted((real_dir / "train").glob("*.tif"))[:300]
+    out = np.empty((len(files), 96, 96, 3), np.uint8)
+    errors = read_into([str(f) for f in files], out)
+    assert all(e is None for e in errors)
+    for f, img in zip(files, out):
+        assert np.array_equal(img, tifffile.imread(f))
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("garbage", "not a readable TIFF"),
+    ("truncated", "not a readable TIFF"),
+    ("empty", "empty file"),
+    ("small", "64x64x3 uint8, expected 96x96x3"),
+    ("gray", "96x96 uint8, expected 96x96x3"),
+    ("uint16", "96x96x3 uint16"),
+    ("png", "not a readable TIFF"),
+])
+def test_bad_files_named(tmp_path, case, expect):
+    path = tmp_path / f"{case}.tif"
+    img = random_patches(1)[0]
+    if case == "garbage":
+        path.write_bytes(b"hello, not an image" * 100)
+    elif case == "truncated":
+        tifffile.imwrite(path, img, photometric="rgb")
+        path.write_bytes(path.read_bytes()[:5000])
+    elif case == "empty":
+        path.write_bytes(b"")
+    elif case == "small":
+        tifffile.imwrite(path, img[:64, :64], photometric="rgb")
+    elif case == "gray":
+        tifffile.imwrite(path, img[..., 0])
+    elif case == "uint16":
+        tifffile.imwrite(path, img.astype(np.uint16) * 200, photometric="rgb")
+    elif case == "png":
+        Image.fromarray(img).save(path, format="PNG")
+    with pytest.raises(BadImageError) as info:
+        read_patch(path)
+    assert str(path) in str(info.value)
+    assert expect in str(info.value)
+    assert isinstance(info.value, ValueError)  # one family, catchable as ValueError
+
+
+def test_iter_batches_in_order_with_errors(tmp_path):
+    imgs = random_patches(23, seed=9)
+    paths = []
+    for i, img in enumerate(imgs):
+        p = tmp_path / f"{i:03d}.tif"
+        tifffile.imwrite(p, img, photometric="rgb")
+        paths.append(str(p))
+    (tmp_path / "007.tif").write_bytes(b"broken")
+    got, errs = [], []
+    for b in iter_batches(paths, batch_size=5, workers=2):
+        got.append(b.images)
+        errs.extend(b.errors)
+    got = np.concatenate(got)
+    ok = [i for i in range(23) if i != 7]
+    assert np.array_equal(got[ok], imgs[ok])
+    assert [i for i, e in enumerate(errs) if e is not None] == [7]
