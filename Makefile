@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/pcamtool demo demo
+	$(BIN)/pcamtool demo demo --force
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -1,0 +1,78 @@
+"""Frozen, validated configuration of the training stage.
+
+The CLI turns options into keyword arguments for :class:`TrainConfig`; the
+library never sees a parsed-argument namespace. ``config.json`` in a run
+folder is ``TrainConfig.to_dict()`` with everything resolved.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .augment import AugmentConfig
+from .errors import PcamError
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "onecycle")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run (defaults chosen on real tissue; see README)."""
+
+    store: str = "data/train.h5"
+    out: Optional[str] = None             # run folder; default runs/<time>-<arch>
+    arch: str = "pcamnet"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 12
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    optimizer: str = "adamw"
+    schedule: str = "onecycle"
+    warmup_frac: float = 0.15
+    label_smoothing: float = 0.0
+    ema: float = 0.0                      # EMA decay per step; 0 switches it off
+    device: str = "auto"
+    seed: int = 0
+    cache: str = "auto"
+    val_frac: float = 0.2
+    folds: Optional[int] = None
+    fold: int = 0
+    val_store: Optional[str] = None
+    groups: Optional[str] = None
+    patience: int = 0                     # epochs without AUC gain before stopping; 0 = never
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    compile: bool = False
+    threads: Optional[int] = None         # CPU threads for torch; default all cores
+    init_weights: Optional[str] = None
+    export: bool = False                  # export best.pt to model.onnx at the end
+    max_train: Optional[int] = None       # use at most this many training rows (quick runs)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r} ({', '.join(OPTIMIZERS)})"),
+            (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r} ({', '.join(SCHEDULES)})"),
+            (0 <= self.warmup_frac < 1, f"--warmup must be in [0, 1), got {self.warmup_frac}"),
+            (0 <= self.label_smoothing < 0.5, f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}"),
+            (0 <= self.ema < 1, f"--ema must be in [0, 1), got {self.ema}"),
+            (self.patience >= 0, f"--patience must be >= 0, got {self.patience}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise PcamError(msg)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        d = dict(d)
+        d["augment"] = AugmentConfig(**d.get("augment", {}))
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})

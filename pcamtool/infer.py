@@ -1,0 +1,264 @@
+"""Predict with exported ONNX models: ``pcamtool infer --tta 8 > submission.csv``.
+
+Images come from a folder of tifs (the same fast reader as ``pack``, on
+worker threads, decoding the next batch while the current one runs) or from
+a packed store. Test-time augmentation averages the dihedral transforms
+(:func:`pcamtool.augment.tta_transforms`) as batched copies; several models
+are averaged as an ensemble.
+
+Example::
+
+    pcamtool infer data/test --model runs/a/model.onnx --tta 8 -o submission.csv
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+
+from .augment import dihedral_np, tta_transforms
+from .errors import ModelError, PcamError
+from .progress import progress_bar
+
+log = logging.getLogger("pcamtool")
+
+PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
+_ORT_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+              "tensorrt": "TensorrtExecutionProvider"}
+
+
+def _gpu_present() -> bool:
+    """Whether an NVIDIA driver is loadable: without one, never ask onnxruntime for CUDA.
+
+    ``get_available_providers()`` lists CUDA wherever onnxruntime-gpu is
+    installed, and asking for it on a machine without a GPU prints a loud
+    error; the driver library is the honest test.
+    """
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        return True
+    except OSError:
+        return False
+
+
+def usable_providers() -> list[str]:
+    """The onnxruntime providers that can actually run here, best first."""
+    import onnxruntime as ort
+
+    listed = ort.get_available_providers()
+    usable = []
+    if _gpu_present():
+        try:
+            ort.preload_dlls()  # CUDA/cuDNN shipped by pip packages (nvidia-*), if any
+        except Exception:
+            pass
+        for name in ("TensorrtExecutionProvider", "CUDAExecutionProvider"):
+            if name in listed:
+                usable.append(name)
+    usable.append("CPUExecutionProvider")
+    return usable
+
+
+def resolve_providers(provider: str) -> list[str]:
+    """onnxruntime provider list for ``--provider`` (auto: TensorRT, CUDA, then CPU)."""
+    if provider not in PROVIDERS:
+        raise PcamError(f"unknown provider {provider!r} (choose from {', '.join(PROVIDERS)})")
+    usable = usable_providers()
+    if provider == "auto":
+        return usable
+    want = _ORT_NAMES[provider]
+    if want not in usable:
+        raise PcamError(f"provider {provider} is not usable on this machine (usable: "
+                        f"{', '.join(p.replace('ExecutionProvider', '').lower() for p in usable)})")
+    return [want] if want == "CPUExecutionProvider" else [want, "CPUExecutionProvider"]
+
+
+def open_session(path: str | os.PathLike, provider: str = "auto") -> Any:
+    """An onnxruntime session for one of our models, checked for metadata and input."""
+    import onnxruntime as ort
+
+    from .export import INPUT, ONNX_FORMAT
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: model not found")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only: warnings about unused initializers are noise
+    try:
+        sess = ort.InferenceSession(str(path), opts, providers=resolve_providers(provider))
+    except Exception as exc:
+        raise ModelError(f"{path}: not a loadable ONNX model ({str(exc).strip().splitlines()[0][:200]})") from None
+    meta = sess.get_modelmeta().custom_metadata_map
+    if meta.get("format") != ONNX_FORMAT:
+        raise ModelError(f"{path}: not a pcamtool model (no '{ONNX_FORMAT}' metadata)")
+    inputs = sess.get_inputs()
+    if len(inputs) != 1 or inputs[0].name != INPUT or inputs[0].type != "tensor(uint8)" \
+            or list(inputs[0].shape[1:]) != [96, 96, 3]:
+        got = ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs)
+        raise ModelError(f"{path}: model input is {got}, expected {INPUT} uint8 [batch, 96, 96, 3]")
+    return sess
+
+
+@dataclass
+class Predictions:
+    ids: list[str]
+    probs: np.ndarray
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    providers: list[str] = field(default_factory=list)
+
+
+def default_source() -> Path:
+    """``data/test`` (tifs) if present, else ``data/test.h5``."""
+    for cand in (Path("data/test"), Path("data/test.h5")):
+        if cand.exists():
+            return cand
+    raise PcamError("no SRC given and neither data/test nor data/test.h5 exists")
+
+
+def default_models() -> list[Path]:
+    from .runs import latest_run
+
+    return [latest_run(want="model.onnx") / "model.onnx"]
+
+
+class _Source:
+    """Ids and uint8 batches from a tif folder or a store, optionally one shard of them."""
+
+    def __init__(self, src: Path, shard: Optional[tuple[int, int]], workers: Optional[int]) -> None:
+        from .submission import shard_slice
+
+        self.src = src
+        self.workers = workers
+        self.store = None
+        if not src.exists():
+            raise PcamError(f"{src}: not found")
+        if src.is_dir():
+            from .tiff import list_tifs
+
+            tifs, _ = list_tifs(src)
+            if not tifs:
+                raise PcamError(f"{src}: no .tif files found")
+            tifs.sort(key=lambda p: p.stem)
+            items: list[Any] = tifs
+            ids = [p.stem for p in tifs]
+        else:
+            from .store import open_store
+
+            self.store = open_store(src)
+            ids = list(self.store.ids)
+            items = list(range(len(ids)))
+            if not ids:
+                raise PcamError(f"{src}: store is empty")
+        sl = shard_slice(len(ids), *shard) if shard else slice(None)
+        self.ids, self.items = ids[sl], items[sl]
+
+    def stain(self) -> dict:
+        return self.store.stain() if self.store is not None else {"method": "none"}
+
+    def batches(self, size: int) -> Iterator[tuple[np.ndarray, list[Optional[Exception]]]]:
+        if self.store is not None:
+            idx = np.asarray(self.items, np.int64)
+            for a in range(0, len(idx), size):
+                part = idx[a:a + size]
+                yield self.store.gather(part), [None] * len(part)
+            return
+        from .pack import default_workers
+        from .tiff import iter_batches
+
+        for b in iter_batches([str(p) for p in self.items], size, self.workers or default_workers()):
+            yield b.images, b.errors
+
+
+def _stain_transform(model_stain: dict, source_stain: dict, src: Path):
+    """The normalization to apply so test images match what the model was trained on."""
+    m, s = model_stain.get("method", "none"), source_stain.get("method", "none")
+    if s != "none" and (m != s or model_stain != source_stain):
+        raise PcamError(f"{src}: images were packed with stain normalization '{s}', "
+                        f"but the model was trained with '{m}' (pack the test set without --stain)")
+    if m == "none" or s == m:
+        return None
+    from .stain import StainReference, normalize
+
+    ref = StainReference.from_dict(model_stain)
+    return lambda images: normalize(images, ref)
+
+
+def predict(src: Optional[str | os.PathLike] = None, models: Optional[Sequence[str | os.PathLike]] = None,
+            tta: int = 8, batch_size: int = 256, provider: str = "auto",
+            shard: Optional[tuple[int, int]] = None, skip_bad: bool = False,
+            workers: Optional[int] = None, progress: bool = True) -> Predictions:
+    """Probabilities of tumour for every image of ``src``, averaged over TTA and models.
+
+    Raises
+    ------
+    PcamError
+        Missing or empty source, foreign or mismatched models, unreadable
+        images (unless ``skip_bad``).
+    """
+    src_path = Path(src) if src is not None else default_source()
+    model_paths = [Path(m) for m in models] if models else default_models()
+    ks = tta_transforms(tta)
+    source = _Source(src_path, shard, workers)
+    sessions = [open_session(p, provider) for p in model_paths]
+    metas = [s.get_modelmeta().custom_metadata_map for s in sessions]
+    stains = {m.get("stain", '{"method": "none"}') for m in metas}
+    if len(stains) > 1:
+        raise ModelError("the ensemble's models were trained with different stain normalizations")
+    transform = _stain_transform(json.loads(stains.pop()), source.stain(), src_path)
+    from .export import INPUT
+
+    probs = np.empty(len(source.ids), np.float64)
+    keep = np.ones(len(source.ids), bool)
+    skipped: list[tuple[str, str]] = []
+    pos = 0
+    with progress_bar(total=len(source.ids), desc=f"infer tta{tta}", enabled=progress) as bar:
+        for images, errors in source.batches(batch_size):
+            n = len(images)
+            bad = [i for i, e in enumerate(errors) if e is not None]
+            if bad:
+                if not skip_bad:
+                    raise errors[bad[0]]  # type: ignore[misc]
+                for i in bad:
+                    keep[pos + i] = False
+                    skipped.append((errors[i].path, errors[i].problem))  # type: ignore[union-attr]
+            if transform is not None:
+                images = transform(images)
+            # All TTA copies in one run: the GPU (or the CPU's threads) see one big batch.
+            x = np.concatenate([dihedral_np(images, k, axes=(1, 2)) for k in ks]) if len(ks) > 1 else images
+            x = np.ascontiguousarray(x)
+            total = np.zeros(n, np.float64)
+            for sess in sessions:
+                out = _run(sess, INPUT, x)
+                total += out.reshape(len(ks), n).mean(0)
+            probs[pos:pos + n] = total / len(sessions)
+            pos += n
+            bar.update(n)
+    for path, problem in skipped:
+        log.warning("skipped %s: %s", path, problem)
+    ids = [i for i, k in zip(source.ids, keep) if k]
+    return Predictions(ids, probs[keep], skipped, sessions[0].get_providers())
+
+
+def _run(sess: Any, name: str, x: np.ndarray) -> np.ndarray:
+    """One forward pass through I/O binding (the same code on CPU and CUDA).
+
+    On CUDA the binding copies the input once and keeps the output on the
+    device until asked for, instead of onnxruntime's per-call staging.
+    """
+    binding = sess.io_binding()
+    binding.bind_cpu_input(name, x)
+    binding.bind_output(sess.get_outputs()[0].name)
+    sess.run_with_iobinding(binding)
+    return binding.copy_outputs_to_cpu()[0].astype(np.float64)
+
+
+def sample_beside(src: Path) -> Optional[Path]:
+    """Kaggle's ``sample_submission.csv`` beside the data, if there."""
+    cand = src.resolve().parent / "sample_submission.csv"
+    return cand if cand.is_file() else None
