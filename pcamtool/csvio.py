@@ -77,7 +77,7 @@ def read_labels(path: str | os.PathLike) -> dict[str, int]:
 def format_rows(ids: Sequence[str], values: Iterable[float], value: str = "label") -> str:
     """The CSV text of an ``id,<value>`` table (probabilities with 6 significant digits)."""
     out = [f"id,{value}"]
-    out.extend(f"{i},{v:.6g}" for i, v in zip(ids, values))
+    out.extend(f"{i},{v:.9g}" for i, v in zip(ids, values))
     return "\n".join(out) + "\n"
 
 

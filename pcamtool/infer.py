@@ -141,12 +141,11 @@ class _Source:
         if src.is_dir():
             from .tiff import list_tifs
 
-            tifs, _ = list_tifs(src)
-            if not tifs:
+            listing = list_tifs(src)
+            if not listing.paths:
                 raise PcamError(f"{src}: no .tif files found")
-            tifs.sort(key=lambda p: p.stem)
-            items: list[Any] = tifs
-            ids = [p.stem for p in tifs]
+            items: list[Any] = listing.paths
+            ids = listing.ids
         else:
             from .store import open_store
 
@@ -171,7 +170,7 @@ class _Source:
         from .pack import default_workers
         from .tiff import iter_batches
 
-        for b in iter_batches([str(p) for p in self.items], size, self.workers or default_workers()):
+        for b in iter_batches(self.items, size, self.workers or default_workers()):
             yield b.images, b.errors
 
 

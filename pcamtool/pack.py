@@ -73,24 +73,26 @@ def _few(names: list[str], n: int = 3) -> str:
     return ", ".join(names[:n]) + more
 
 
-def _match_labels(src: Path, tifs: list[Path], labels: dict[str, int], labels_path: Path,
-                  skip_bad: bool, skipped: list[tuple[str, str]]) -> tuple[list[Path], np.ndarray]:
+def _match_labels(src: Path, tifs: list[str], stems: list[str], labels: dict[str, int],
+                  labels_path: Path, skip_bad: bool, skipped: list[tuple[str, str]]
+                  ) -> tuple[list[str], list[str], np.ndarray]:
     """Pair images with labels; mismatches are errors (or skipped with ``skip_bad``)."""
-    stems = {p.stem for p in tifs}
-    orphans = sorted(k for k in labels if k not in stems)
-    unlabelled = [p for p in tifs if p.stem not in labels]
+    have = set(stems)
+    orphans = sorted(k for k in labels if k not in have)
+    unlabelled = [i for i, s in enumerate(stems) if s not in labels]
     if unlabelled:
         if not skip_bad:
             raise LabelsError(f"{labels_path}: no label row for {len(unlabelled)} image(s) in {src}: "
-                              f"{_few([p.name for p in unlabelled])}")
-        skipped.extend((str(p), "no label row") for p in unlabelled)
-        tifs = [p for p in tifs if p.stem in labels]
+                              f"{_few([os.path.basename(tifs[i]) for i in unlabelled])}")
+        skipped.extend((tifs[i], "no label row") for i in unlabelled)
+        kept = [i for i, s in enumerate(stems) if s in labels]
+        tifs, stems = [tifs[i] for i in kept], [stems[i] for i in kept]
     if orphans:
         msg = f"{labels_path}: {len(orphans)} label row(s) have no image in {src}: {_few(orphans)}"
         if not skip_bad:
             raise LabelsError(msg)
         log.warning("%s (ignored)", msg)
-    return tifs, np.array([labels[p.stem] for p in tifs], np.int8)
+    return tifs, stems, np.array([labels[s] for s in stems], np.int8)
 
 
 def pack(src: str | os.PathLike, labels: Optional[str | os.PathLike] = None,
@@ -141,23 +143,18 @@ def pack(src: str | os.PathLike, labels: Optional[str | os.PathLike] = None,
     out_path = Path(out) if out is not None else default_store_path(src)
     check_writable(out_path, force)
 
-    tifs, others = list_tifs(src)
-    if others:
-        log.warning("%s: ignoring %d non-tif file(s): %s", src, len(others), _few([p.name for p in others]))
-    if not tifs:
+    listing = list_tifs(src)
+    if listing.others:
+        log.warning("%s: ignoring %d non-tif file(s): %s", src, len(listing.others), _few(listing.others))
+    if not listing.paths:
         raise PcamError(f"{src}: no .tif files found")
-    seen: dict[str, Path] = {}
-    for p in tifs:
-        if p.stem in seen:
-            raise LabelsError(f"{src}: duplicate id {p.stem} ({seen[p.stem].name} and {p.name})")
-        seen[p.stem] = p
-    tifs.sort(key=lambda p: p.stem)  # rows sorted by id, whatever the suffix
+    tifs, stems = listing.paths, listing.ids  # sorted by id: the store's row order
 
     skipped: list[tuple[str, str]] = []
     labels_path = Path(labels) if labels is not None else default_labels_path(src)
     if labels is not None or labels_path.exists():
         table = read_labels(labels_path)
-        tifs, y = _match_labels(src, tifs, table, labels_path, skip_bad, skipped)
+        tifs, stems, y = _match_labels(src, tifs, stems, table, labels_path, skip_bad, skipped)
         labels_source = str(labels_path.resolve())
     else:
         y = np.full(len(tifs), -1, np.int8)
@@ -169,7 +166,7 @@ def pack(src: str | os.PathLike, labels: Optional[str | os.PathLike] = None,
     tmp = partial_name(out_path)
     tmp.unlink(missing_ok=True)  # a leftover of a killed run: start over
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    paths = [str(p) for p in tifs]
+    paths = tifs
     sums = np.zeros(3, np.uint64)
     sqsums = np.zeros(3, np.uint64)
     kept_ids: list[str] = []
@@ -177,8 +174,10 @@ def pack(src: str | os.PathLike, labels: Optional[str | os.PathLike] = None,
     try:
         with StoreWriter(tmp, len(paths), chunk, compression) as writer, \
                 progress_bar(total=len(paths), desc=f"pack {src.name}", enabled=progress) as bar:
-            rows = _RowBuffer(writer)
-            for batch in iter_batches(paths, writer.chunk, workers or default_workers()):
+            # Without a transform the statistics are final once decoded, so
+            # the workers compute them in parallel (the kernel releases the GIL).
+            post = _batch_stats if transform is None else None
+            for batch in iter_batches(paths, writer.chunk, workers or default_workers(), post=post):
                 keep = np.array([e is None for e in batch.errors])
                 bad = [e for e in batch.errors if e is not None]
                 if bad and not skip_bad:
@@ -187,13 +186,15 @@ def pack(src: str | os.PathLike, labels: Optional[str | os.PathLike] = None,
                 images = batch.images if keep.all() else batch.images[keep]
                 if transform is not None:
                     images = transform(images)
-                channel_sums(images, np.ones(len(images), np.bool_), sums, sqsums)
-                rows.add(images)
+                    channel_sums(images, np.ones(len(images), np.bool_), sums, sqsums)
+                else:
+                    sums += batch.extra[0]
+                    sqsums += batch.extra[1]
+                writer.write(images)
                 sel = np.flatnonzero(keep) + batch.start
-                kept_ids.extend(tifs[i].stem for i in sel)
+                kept_ids.extend(stems[i] for i in sel)
                 kept_labels.append(y[sel])
                 bar.update(len(batch.images))
-            rows.flush()
             count = len(kept_ids)
             if count == 0:
                 raise PcamError(f"{src}: every image was bad ({len(skipped)} skipped)")
@@ -229,29 +230,9 @@ def pack(src: str | os.PathLike, labels: Optional[str | os.PathLike] = None,
                       tuple(mean), tuple(std), skipped, time.perf_counter() - t0)
 
 
-class _RowBuffer:
-    """Collects rows into whole chunks, since skipped files break chunk alignment."""
-
-    def __init__(self, writer: StoreWriter) -> None:
-        self.writer = writer
-        self.buf = np.empty((writer.chunk, 96, 96, 3), np.uint8)
-        self.fill = 0
-
-    def add(self, images: np.ndarray) -> None:
-        if self.fill == 0 and len(images) == self.writer.chunk:
-            self.writer.write(images)  # the common case: no copy
-            return
-        i = 0
-        while i < len(images):
-            take = min(len(images) - i, self.writer.chunk - self.fill)
-            self.buf[self.fill:self.fill + take] = images[i:i + take]
-            self.fill += take
-            i += take
-            if self.fill == self.writer.chunk:
-                self.writer.write(self.buf)
-                self.fill = 0
-
-    def flush(self) -> None:
-        if self.fill:
-            self.writer.write(self.buf[:self.fill])
-            self.fill = 0
+def _batch_stats(batch) -> None:
+    """Channel sums of a batch's readable images, left in ``batch.extra`` (runs in a worker)."""
+    keep = np.array([e is None for e in batch.errors], np.bool_)
+    s, q = np.zeros(3, np.uint64), np.zeros(3, np.uint64)
+    channel_sums(batch.images, keep, s, q)
+    batch.extra = (s, q)

@@ -70,34 +70,51 @@ class StoreWriter:
         self.chunk = max(1, min(int(chunk), max(n, 1)))
         self.compression = compression
         self._file = h5py.File(self.path, "w", libver=("earliest", "v110"), track_order=False)
-        kw: dict[str, Any] = {}
-        if compression == "lzf":
-            kw = {"compression": "lzf"}
-        elif compression == "gzip":
-            kw = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
-        self.images = self._file.create_dataset(
-            "images", shape=(n, *SHAPE), dtype=np.uint8, chunks=(self.chunk, *SHAPE),
-            maxshape=(None, *SHAPE), **kw)  # resizable: skipped files shrink it
+        self._fd: Optional[int] = None
+        if compression == "none":
+            self.images = self._create_preallocated(n)
+        else:
+            kw: dict[str, Any] = {"compression": "lzf"} if compression == "lzf" else \
+                {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+            self.images = self._file.create_dataset(
+                "images", shape=(n, *SHAPE), dtype=np.uint8, chunks=(self.chunk, *SHAPE),
+                maxshape=(None, *SHAPE), **kw)  # resizable: skipped files shrink it
         self._written = 0
-        self._pad = np.zeros((self.chunk, *SHAPE), np.uint8)
+
+    def _create_preallocated(self, n: int) -> h5py.Dataset:
+        """An uncompressed dataset whose chunks all exist on disk from the start.
+
+        Rows are then written with ``os.pwrite`` at the chunks' byte offsets:
+        the copy into the page cache runs without the GIL, beside the decoding
+        threads, where h5py's own writes would hold it.
+        """
+        space = h5py.h5s.create_simple((max(n, 1), *SHAPE), (h5py.h5s.UNLIMITED, *SHAPE))
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_chunk((self.chunk, *SHAPE))
+        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+        dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)  # every row is written by us
+        ds = h5py.Dataset(h5py.h5d.create(self._file.id, b"images", h5py.h5t.NATIVE_UINT8, space, dcpl=dcpl))
+        self._file.flush()
+        offsets = _chunk_offsets(ds)
+        assert offsets is not None  # early allocation places every chunk
+        self._offsets = offsets
+        self._fd = os.open(self.path, os.O_WRONLY)
+        return ds
 
     def write(self, images: np.ndarray) -> None:
-        """Append ``images`` (the next rows, a whole number of chunks except at the end)."""
+        """Append ``images`` (the next rows, in order)."""
         start, stop = self._written, self._written + len(images)
         if stop > self.n:
             raise StoreError(f"{self.path}: {stop} rows written into a store of {self.n}")
-        if self.compression == "none":
-            # Whole chunks go straight to the file, bypassing the chunk cache.
-            for a in range(0, len(images), self.chunk):
-                part = images[a:a + self.chunk]
-                row = start + a
-                if row % self.chunk:
-                    raise StoreError("rows must be appended in whole chunks")
-                if len(part) < self.chunk:
-                    self._pad[:len(part)] = part
-                    self._pad[len(part):] = 0
-                    part = self._pad
-                self.images.id.write_direct_chunk((row, 0, 0, 0), np.ascontiguousarray(part))
+        if self._fd is not None:
+            data = np.ascontiguousarray(images).reshape(len(images), ROW_BYTES)
+            row = start
+            while row < stop:  # one pwrite per chunk touched
+                c, r = divmod(row, self.chunk)
+                take = min(self.chunk - r, stop - row)
+                os.pwrite(self._fd, data[row - start:row - start + take],
+                          int(self._offsets[c]) + r * ROW_BYTES)
+                row += take
         else:
             self.images[start:stop] = images
         self._written = stop
@@ -113,6 +130,9 @@ class StoreWriter:
             self._file.attrs[k] = v
 
     def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         self._file.close()
 
     def __enter__(self) -> "StoreWriter":
@@ -168,6 +188,8 @@ class Store:
             raise IndexError(f"row index out of range for a store of {len(self)} rows")
         if out is None:
             out = np.empty((len(idx), *SHAPE), np.uint8)
+        elif out.shape != (len(idx), *SHAPE) or out.dtype != np.uint8 or not out.flags.c_contiguous:
+            raise ValueError("out must be a C-contiguous uint8 array of shape (len(indices), 96, 96, 3)")
         if self._ram is not None:
             np.take(self._ram, idx, axis=0, out=out)
         elif self._map is not None:

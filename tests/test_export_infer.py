@@ -19,7 +19,7 @@ from pcamtool.export import export_onnx
 from pcamtool.infer import predict, resolve_providers
 from pcamtool.train import fit
 
-from conftest import write_kaggle
+from helpers import write_kaggle
 from test_train import learnable_store, tiny
 
 

@@ -28,7 +28,7 @@ def test_infer_cuda_provider_matches_cpu(tmp_path):
     from pcamtool.infer import predict, resolve_providers
     from pcamtool.train import fit
 
-    from conftest import write_kaggle
+    from helpers import write_kaggle
     from test_train import learnable_store, tiny
 
     if "CUDAExecutionProvider" not in resolve_providers("auto"):

@@ -21,7 +21,7 @@ from pcamtool.errors import BadImageError, ExistsError, LabelsError, PcamError
 from pcamtool.kernels import plain
 from pcamtool.kernels.stats import channel_sums
 
-from conftest import write_kaggle
+from helpers import write_kaggle
 
 
 def test_pack_round_trip(kaggle):

@@ -11,7 +11,7 @@ from pcamtool.kernels import plain
 from pcamtool.kernels.decode import FALLBACK, OK, decode_tiff
 from pcamtool.tiff import iter_batches, read_into, read_patch
 
-from conftest import random_patches
+from helpers import random_patches
 
 VARIANTS = {
     "kaggle": dict(photometric="rgb"),

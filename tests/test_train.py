@@ -20,7 +20,7 @@ from pcamtool.config import TrainConfig
 from pcamtool.errors import PcamError
 from pcamtool.train import fit
 
-from conftest import write_kaggle
+from helpers import write_kaggle
 
 
 def learnable_store(root: Path, n: int = 96) -> Path:
@@ -37,7 +37,7 @@ def learnable_store(root: Path, n: int = 96) -> Path:
 
 
 def tiny(store: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(store=str(store), out=str(out), arch="simple", model_kwargs={}, epochs=2, batch_size=16,
+    base = dict(store=str(store), out=str(out), arch="simple", model_kwargs={"width": 8}, epochs=2, batch_size=16,
                 lr=3e-3, device="cpu", cache="auto", threads=1, augment=AugmentConfig())
     base.update(kw)
     return TrainConfig(**base)

@@ -136,7 +136,14 @@ def decode_tiff(b, n, out):
         want = rows * row_bytes
         if start < 0 or size < want or start + want > n or done + want > PATCH_BYTES:
             return FALLBACK  # truncated or inconsistent: tifffile names the problem
-        flat[done:done + want] = b[start:start + want]
+        # An explicit loop over two views, not a slice assignment: numba's
+        # slice copy (and a loop indexing b[start + j], whose sign numba cannot
+        # prove, so it adds a wraparound branch) copies a byte at a time,
+        # ~2 GB/s; this loop vectorizes (~10 GB/s).
+        src = b[start:start + want]
+        dst = flat[done:done + want]
+        for j in range(want):
+            dst[j] = src[j]
         done += want
     if done != PATCH_BYTES:
         return FALLBACK

@@ -1,0 +1,223 @@
+"""Shared benchmark data, warm-up, and the end-of-run ratio table.
+
+Speed claims in this project are ratios between methods timed in one run on
+the same (page-cached) files, never absolute timings asserted in tests: the
+benchmark machines are small and shared, so only ratios travel.
+
+Run with::
+
+    .venv/bin/pytest benchmarks -q            # or: make bench
+    .venv/bin/pytest benchmarks/bench_pack.py -q
+
+Each benchmark stores its throughput in ``benchmark.extra_info`` and in a
+run-wide table (the ``record`` fixture); at the end of the session the table and the
+ratios against the targets are printed under "pcamtool benchmark ratios".
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pytest
+import tifffile
+
+# The real Kaggle sample sits beside the repository, not inside it.
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "pcam-real"
+
+N_GENERATED = 3000    # tifs timed by bench_pack
+N_STORE = 6000        # rows of the store timed by bench_store
+
+# Targets the ratio table checks against (see benchmarks/RESULTS.md).
+TARGETS = {
+    ("pack", "pack", "raw floor"): 0.5,
+    ("pack", "pack", "PIL loop"): 5.0,
+    ("store", "Store.gather", "numpy arr[idx]"): 0.5,
+}
+
+
+# --------------------------------------------------------------------------
+# Collection: the files are named bench_*.py, which pytest's default pattern
+# (test_*.py, and pyproject.toml sets no other) would skip when it is given
+# the folder. A file named on the command line is collected by pytest itself,
+# so only the others are added here (adding both would run them twice).
+
+def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> Optional[pytest.Module]:
+    if (file_path.suffix == ".py" and file_path.name.startswith("bench_")
+            and not parent.session.isinitpath(file_path)):
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None
+
+
+# --------------------------------------------------------------------------
+# Data
+
+@dataclass(frozen=True)
+class Dataset:
+    """A Kaggle-layout folder of tifs and its sorted file list."""
+
+    name: str
+    folder: Path
+    paths: list[str]
+
+
+def make_id(i: int, salt: str) -> str:
+    """A 40-hex id like Kaggle's."""
+    return hashlib.sha1(f"{salt}{i}".encode()).hexdigest()
+
+
+def write_tifs(folder: Path, n: int, seed: int) -> list[str]:
+    """Write ``n`` 96x96 RGB tifs the way Kaggle's were written (tifffile, one strip).
+
+    The content is smooth colour plus noise: the decoder copies bytes, so
+    only the layout matters for speed, but a real-looking histogram keeps the
+    statistics kernel honest.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:96, 0:96].astype(np.float32) / 96
+    paths = []
+    for i in range(n):
+        base = rng.uniform(120, 230, 3).astype(np.float32)
+        tilt = rng.uniform(-40, 40, (2, 3)).astype(np.float32)
+        img = base + yy[..., None] * tilt[0] + xx[..., None] * tilt[1]
+        img += rng.normal(0, 18, (96, 96, 3)).astype(np.float32)
+        p = folder / f"{make_id(i, f'bench{seed}')}.tif"
+        tifffile.imwrite(p, np.clip(img, 0, 255).astype(np.uint8), photometric="rgb")
+        paths.append(str(p))
+    return sorted(paths)
+
+
+def warm_files(paths: list[str]) -> int:
+    """Read every file once so that timings measure page-cached reads; returns bytes read."""
+    total = 0
+    for p in paths:
+        with open(p, "rb") as fh:
+            total += len(fh.read())
+    return total
+
+
+@pytest.fixture(scope="session")
+def generated(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
+    """``N_GENERATED`` freshly written tifs in a temporary folder."""
+    folder = tmp_path_factory.mktemp("generated") / "train"
+    paths = write_tifs(folder, N_GENERATED, seed=1)
+    warm_files(paths)
+    return Dataset("generated", folder, paths)
+
+
+@pytest.fixture(scope="session")
+def real() -> Dataset:
+    """The real Kaggle sample ``../shared/pcam-real/train`` (read in place, never written)."""
+    folder = REAL / "train"
+    if not folder.is_dir():
+        pytest.skip(f"real sample {folder} not present")
+    paths = sorted(str(p) for p in folder.glob("*.tif"))
+    if not paths:
+        pytest.skip(f"real sample {folder} holds no tifs")
+    warm_files(paths)
+    return Dataset("real", folder, paths)
+
+
+@pytest.fixture(params=["generated", "real"])
+def dataset(request: pytest.FixtureRequest) -> Dataset:
+    """Each benchmark of bench_pack runs once per data set."""
+    return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(scope="session")
+def warm_numba(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """One small pack, so kernel loading (numba's disk cache) and h5py set-up are not timed."""
+    from pcamtool.pack import pack
+
+    root = tmp_path_factory.mktemp("warm")
+    write_tifs(root / "train", 64, seed=2)
+    pack(root / "train", out=root / "warm.h5", workers=2, chunk=16, progress=False)
+
+
+@pytest.fixture(scope="session")
+def packed_store(tmp_path_factory: pytest.TempPathFactory, warm_numba: None) -> Path:
+    """An uncompressed store of ``N_STORE`` generated rows (default chunking), in page cache."""
+    from pcamtool.pack import pack
+
+    root = tmp_path_factory.mktemp("store")
+    write_tifs(root / "train", N_STORE, seed=3)
+    res = pack(root / "train", out=root / "train.h5", workers=2, progress=False)
+    warm_files([str(res.path)])
+    return res.path
+
+
+# --------------------------------------------------------------------------
+# Results: one table per run, printed with the ratios at the end.
+
+_RATES = pytest.StashKey[dict]()
+
+
+class Recorder:
+    """Collects throughputs into the run-wide table printed at the end.
+
+    The table is ``{(area, case): {method: (best/s, median/s, unit)}}``.
+    (A fixture, not an import: bench modules importing ``conftest`` would
+    clash with ``tests/conftest.py`` when both folders run in one session.)
+    """
+
+    def __init__(self, table: dict) -> None:
+        self.table = table
+
+    def __call__(self, benchmark, area: str, case: str, method: str,
+                 amount: float, unit: str = "images/s") -> float:
+        """Store the throughput of a finished benchmark; returns the best rate.
+
+        ``amount`` is what one timed call processes (images, or GB for kernels).
+        The best (minimum-time) round is the headline figure: on a shared
+        machine noise only ever adds time. The median is kept beside it.
+        """
+        stats = benchmark.stats.stats
+        best, median = amount / stats.min, amount / stats.median
+        benchmark.extra_info["rate_unit"] = unit
+        benchmark.extra_info["rate_best"] = round(best, 3)
+        benchmark.extra_info["rate_median"] = round(median, 3)
+        self.table.setdefault((area, case), {})[method] = (best, median, unit)
+        return best
+
+
+@pytest.fixture
+def record(request: pytest.FixtureRequest) -> Recorder:
+    """``record(benchmark, area, case, method, amount, unit)`` after a benchmark ran."""
+    return Recorder(request.config.stash.setdefault(_RATES, {}))
+
+
+def _fmt(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:,.2f}"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    table: dict = config.stash.get(_RATES, {})
+    if not table:
+        return
+    tr = terminalreporter
+    tr.section("pcamtool benchmark ratios (best round; median in brackets)")
+    for (area, case), methods in sorted(table.items()):
+        tr.write_line(f"[{area} / {case}]")
+        for method, (best, median, unit) in methods.items():
+            tr.write_line(f"  {method:<28} {_fmt(best):>10} {unit}  ({_fmt(median)})")
+        for (t_area, num, den), target in TARGETS.items():
+            if t_area == area and num in methods and den in methods:
+                r_best = methods[num][0] / methods[den][0]
+                r_med = methods[num][1] / methods[den][1]
+                verdict = "met" if r_best >= target else "MISSED"
+                tr.write_line(f"  ratio {num} / {den}: {r_best:.2f}x ({r_med:.2f}x)"
+                              f"  target >= {target}x: {verdict}")
+        # Ratios without a target, for the record.
+        names = list(methods)
+        if area == "stats" and len(names) >= 2:
+            tr.write_line(f"  ratio {names[0]} / {names[1]}: "
+                          f"{methods[names[0]][0] / methods[names[1]][0]:.2f}x")
+        if area == "store" and "Store.gather" in methods and "h5py ds[sorted idx]" in methods:
+            tr.write_line(f"  ratio Store.gather / h5py: "
+                          f"{methods['Store.gather'][0] / methods['h5py ds[sorted idx]'][0]:,.0f}x")
+    tr.write_line(f"(cores usable: {len(os.sched_getaffinity(0))}; load average: "
+                  f"{', '.join(f'{x:.2f}' for x in os.getloadavg())})")

@@ -1,0 +1,186 @@
+"""Kaggle submissions: row order, sharded inference, and merging the shards.
+
+Kaggle scores ``id,label`` rows in any order, but a file that follows
+``sample_submission.csv`` row for row is easy to diff and check, so rows
+follow the sample when one is given and are sorted by id otherwise.
+
+Inference over the 57,458 test tifs can be split over machines with
+``--shard i/n`` (0-based: ``0/4`` ... ``3/4``); each shard writes its own CSV
+and :func:`merge_shards` joins them, checking that every id appears once.
+
+Example::
+
+    from pcamtool.submission import merge_shards
+    ids, probs = merge_shards(["sub.0.csv", "sub.1.csv"], "submission.csv",
+                              sample_csv="data/sample_submission.csv")
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .csvio import read_id_table, write_rows
+from .errors import LabelsError, PcamError
+from .fsutil import check_writable
+
+_SHARD = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
+
+
+def _few(names: Sequence[str], n: int = 3) -> str:
+    more = f" and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def order_like_sample(ids: Sequence[str], probs: Sequence[float] | np.ndarray,
+                      sample_csv: Optional[str | os.PathLike] = None
+                      ) -> tuple[list[str], np.ndarray]:
+    """Put predictions in submission order.
+
+    Parameters
+    ----------
+    ids, probs
+        One probability per id, in any order; ids must be unique.
+    sample_csv
+        Kaggle's ``sample_submission.csv`` (header ``id,label``): rows follow
+        its order, and its ids and ``ids`` must be the same set. None: rows
+        sorted by id.
+
+    Returns
+    -------
+    (ids, probs)
+        A new list and a new float64 array, in submission order.
+
+    Raises
+    ------
+    PcamError
+        Lengths differ, a duplicate id, an unreadable sample, ids of the
+        sample without a prediction (the message names the sample file, the
+        count and the first few ids) or predicted ids absent from the sample.
+    """
+    p = np.asarray(probs, np.float64)
+    if p.ndim != 1 or len(p) != len(ids):
+        raise PcamError(f"{len(ids)} ids but {p.size} probabilities")
+    index: dict[str, int] = {}
+    for j, k in enumerate(ids):
+        if k in index:
+            raise PcamError(f"id {k} has two predictions (rows {index[k]} and {j})")
+        index[k] = j
+    if sample_csv is None:
+        order = sorted(index)
+    else:
+        sample = read_id_table(sample_csv, as_float=True, kind="sample submission")
+        missing = [k for k in sample if k not in index]
+        if missing:
+            raise PcamError(f"{sample_csv}: {len(missing)} of its {len(sample)} id(s) have no "
+                            f"prediction: {_few(missing)}")
+        if len(sample) != len(index):
+            extra = [k for k in ids if k not in sample]
+            raise PcamError(f"{len(extra)} predicted id(s) are not in {sample_csv}: {_few(extra)}")
+        order = list(sample)
+    return order, p[[index[k] for k in order]]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """Parse ``--shard i/n`` into ``(i, n)``: shard ``i`` of ``n``, counted from 0.
+
+    ``"0/4"`` is the first of four shards and ``"3/4"`` the last.
+
+    Raises
+    ------
+    PcamError
+        Not of the form ``i/n``, ``n < 1``, or ``i`` outside ``0 .. n-1``.
+    """
+    m = _SHARD.fullmatch(str(text))
+    if m is None:
+        raise PcamError(f"--shard {text!r}: expected i/n, e.g. 0/4 for the first of 4 shards "
+                        f"(shards count from 0)")
+    i, n = int(m.group(1)), int(m.group(2))
+    if n < 1:
+        raise PcamError(f"--shard {text!r}: the number of shards must be at least 1")
+    if i >= n:
+        raise PcamError(f"--shard {text!r}: shards count from 0, so i must be 0 to {n - 1}")
+    return i, n
+
+
+def shard_slice(n_items: int, i: int, n: int) -> slice:
+    """The items of shard ``i`` of ``n`` (0-based) out of ``n_items``.
+
+    Shards are contiguous, disjoint, cover every item, and differ in size by
+    at most one.
+
+    Raises
+    ------
+    PcamError
+        ``n < 1``, ``i`` outside ``0 .. n-1`` or ``n_items < 0``.
+    """
+    if n < 1 or not 0 <= i < n:
+        raise PcamError(f"shard {i}/{n}: need n >= 1 and 0 <= i < n")
+    if n_items < 0:
+        raise PcamError(f"cannot shard {n_items} items")
+    return slice(i * n_items // n, (i + 1) * n_items // n)
+
+
+def merge_shards(paths: Sequence[str | os.PathLike], out: Optional[str | os.PathLike] = None,
+                 sample_csv: Optional[str | os.PathLike] = None, force: bool = False
+                 ) -> tuple[list[str], np.ndarray]:
+    """Join shard CSVs (``id,label``) into one submission.
+
+    Parameters
+    ----------
+    paths
+        The shard files, in any order.
+    out
+        Where to write the merged CSV (atomically); None: only return it.
+    sample_csv
+        Kaggle's ``sample_submission.csv``: every id in it must be in exactly
+        one shard, no shard may hold another id, and rows follow its order.
+        None: rows sorted by id.
+    force
+        Replace an existing ``out``.
+
+    Returns
+    -------
+    (ids, probs)
+        In submission order.
+
+    Raises
+    ------
+    PcamError
+        No shards, a shard given twice, a malformed shard (LabelsError naming
+        the line), an id in two shards (naming it and both files), sample ids
+        missing from every shard, or ``out`` exists without ``force``
+        (ExistsError, raised before any shard is read).
+    """
+    if not paths:
+        raise PcamError("no shard files to merge")
+    if out is not None:
+        check_writable(out, force)  # fail before reading thousands of rows
+    seen_files: dict[Path, str] = {}
+    owner: dict[str, str] = {}
+    ids: list[str] = []
+    values: list[float] = []
+    for path in paths:
+        key = Path(path).resolve()
+        if key in seen_files:
+            raise PcamError(f"{path}: shard file given twice")
+        seen_files[key] = str(path)
+        table = read_id_table(path, as_float=True, kind="shard")
+        for k, v in table.items():
+            if k in owner:
+                raise PcamError(f"id {k} is in two shards: {owner[k]} and {path}")
+            owner[k] = str(path)
+            ids.append(k)
+            values.append(v)
+    try:
+        ids, probs = order_like_sample(ids, np.array(values, np.float64), sample_csv)
+    except LabelsError:
+        raise  # the sample file itself is bad: its message says so
+    except PcamError as exc:
+        raise PcamError(f"{exc} (merging {len(paths)} shard file(s))") from None
+    if out is not None:
+        write_rows(out, ids, probs, force=force)
+    return ids, probs

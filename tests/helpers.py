@@ -1,0 +1,35 @@
+"""Small Kaggle-layout data made in a test's own folder (shared by tests, not fixtures)."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "pcam-real"
+
+
+def make_id(i: int, salt: str = "t") -> str:
+    return hashlib.sha1(f"{salt}{i}".encode()).hexdigest()
+
+
+def random_patches(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 96, 96, 3), dtype=np.uint8)
+
+
+def write_kaggle(root: Path, n: int = 40, seed: int = 0, split: str = "train",
+                 labels: bool = True) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Write ``root/<split>/<id>.tif`` (+ ``<split>_labels.csv``) like Kaggle's files."""
+    folder = root / split
+    folder.mkdir(parents=True, exist_ok=True)
+    images = random_patches(n, seed)
+    ids = [make_id(i, f"{split}{seed}") for i in range(n)]
+    y = (np.arange(n) % 5 < 2).astype(np.int8)
+    for i, img in zip(ids, images):
+        tifffile.imwrite(folder / f"{i}.tif", img, photometric="rgb")
+    if labels:
+        rows = "\n".join(f"{i},{int(v)}" for i, v in zip(ids, y))
+        (root / f"{split}_labels.csv").write_text(f"id,label\n{rows}\n")
+    return ids, images, y
