@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Collection, Optional, Sequence
 
 import numpy as np
 
@@ -36,7 +36,8 @@ def _few(names: Sequence[str], n: int = 3) -> str:
 
 
 def order_like_sample(ids: Sequence[str], probs: Sequence[float] | np.ndarray,
-                      sample_csv: Optional[str | os.PathLike] = None
+                      sample_csv: Optional[str | os.PathLike] = None,
+                      allow_missing: Collection[str] = ()
                       ) -> tuple[list[str], np.ndarray]:
     """Put predictions in submission order.
 
@@ -60,6 +61,9 @@ def order_like_sample(ids: Sequence[str], probs: Sequence[float] | np.ndarray,
         Lengths differ, a duplicate id, an unreadable sample, ids of the
         sample without a prediction (the message names the sample file, the
         count and the first few ids) or predicted ids absent from the sample.
+    allow_missing
+        Sample ids that may lack a prediction (images skipped with
+        ``--skip-bad``): their rows are left out.
     """
     p = np.asarray(probs, np.float64)
     if p.ndim != 1 or len(p) != len(ids):
@@ -73,14 +77,15 @@ def order_like_sample(ids: Sequence[str], probs: Sequence[float] | np.ndarray,
         order = sorted(index)
     else:
         sample = read_id_table(sample_csv, as_float=True, kind="sample submission")
-        missing = [k for k in sample if k not in index]
+        skipped = set(allow_missing)
+        missing = [k for k in sample if k not in index and k not in skipped]
         if missing:
             raise PcamError(f"{sample_csv}: {len(missing)} of its {len(sample)} id(s) have no "
                             f"prediction: {_few(missing)}")
-        if len(sample) != len(index):
-            extra = [k for k in ids if k not in sample]
+        extra = [k for k in ids if k not in sample]
+        if extra:
             raise PcamError(f"{len(extra)} predicted id(s) are not in {sample_csv}: {_few(extra)}")
-        order = list(sample)
+        order = [k for k in sample if k in index]
     return order, p[[index[k] for k in order]]
 
 
