@@ -80,16 +80,21 @@ skip_bad_option = click.option("--skip-bad", is_flag=True,
 @click.option("--chunk", type=click.IntRange(1, 65536), default=512, show_default=True, help="Images per HDF5 chunk.")
 @click.option("--compression", type=click.Choice(["none", "lzf", "gzip"]), default="none", show_default=True,
               help="'none' keeps the store memory-mappable (fastest training).")
+@click.option("--stain", type=click.Choice(["none", "reinhard", "macenko"]), default="none", show_default=True,
+              help="Stain-normalize every patch toward a reference (recorded in the store and the model).")
+@click.option("--stain-reference", type=click.Path(path_type=Path), default=None,
+              help="Store to compute the stain reference from (default: a sample of SRC).")
 @skip_bad_option
 @force_option
 @handle_errors
 def pack(src: Path, labels: Path | None, out: Path | None, workers: int | None, chunk: int,
-         compression: str, skip_bad: bool, force: bool) -> None:
+         compression: str, stain: str, stain_reference: Path | None, skip_bad: bool, force: bool) -> None:
     """Pack a folder of .tif patches into one chunked HDF5 store."""
     from .pack import pack as pack_fn
 
     res = pack_fn(src, labels=labels, out=out, workers=workers, chunk=chunk, compression=compression,
-                  skip_bad=skip_bad, force=force, progress=progress_enabled())
+                  skip_bad=skip_bad, force=force, stain=stain, stain_reference=stain_reference,
+                  progress=progress_enabled())
     lab = (f"{res.n_positive:,} positive" if res.n_unlabelled < res.count else "unlabelled")
     log.info("wrote %s: %s images (%s), %d skipped, %.1fs, %s img/s", res.path, f"{res.count:,}", lab,
              len(res.skipped), res.seconds, f"{res.images_per_second:,.0f}")

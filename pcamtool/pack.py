@@ -25,7 +25,7 @@ from .fsutil import check_writable, partial_name
 from .kernels.stats import channel_sums
 from .progress import progress_bar
 from .store import COMPRESSIONS, FORMAT, FORMAT_VERSION, StoreWriter, channel_stats
-from .tiff import iter_batches, list_tifs
+from .tiff import iter_batches, list_tifs, read_into
 
 log = logging.getLogger("pcamtool")
 
@@ -98,8 +98,8 @@ def _match_labels(src: Path, tifs: list[str], stems: list[str], labels: dict[str
 def pack(src: str | os.PathLike, labels: Optional[str | os.PathLike] = None,
          out: Optional[str | os.PathLike] = None, workers: Optional[int] = None,
          chunk: int = 512, compression: str = "none", skip_bad: bool = False,
-         force: bool = False, transform: Optional[BatchTransform] = None,
-         stain: Optional[dict] = None, progress: bool = True) -> PackResult:
+         force: bool = False, stain: str = "none", stain_reference: Optional[str | os.PathLike] = None,
+         transform: Optional[BatchTransform] = None, progress: bool = True) -> PackResult:
     """Pack the tifs of ``src`` into an HDF5 store.
 
     Parameters
@@ -121,9 +121,14 @@ def pack(src: str | os.PathLike, labels: Optional[str | os.PathLike] = None,
         Skip unreadable or mismatched files (listed in the store) instead of failing.
     force
         Replace an existing store.
+    stain
+        ``none``, ``reinhard`` or ``macenko``: normalize every patch toward a
+        reference computed from (a sample of) this folder, or from
+        ``stain_reference`` (a store); the method and reference are recorded
+        in the store, and models trained on it carry them to ``infer``.
     transform
-        Applied to every decoded uint8 batch before it is written (stain
-        normalization); ``stain`` describes it for the store's attributes.
+        A further hook applied to every decoded uint8 batch before it is
+        written (after stain normalization).
 
     Raises
     ------
@@ -162,6 +167,10 @@ def pack(src: str | os.PathLike, labels: Optional[str | os.PathLike] = None,
         log.info("%s: no labels file, packing unlabelled", labels_path)
     if not tifs:
         raise PcamError(f"{src}: no usable images left")
+
+    stain_tf, stain_meta = _stain_setup(stain, stain_reference, tifs, workers or default_workers())
+    if stain_tf is not None:
+        transform = stain_tf if transform is None else (lambda f, g: (lambda x: g(f(x))))(stain_tf, transform)
 
     tmp = partial_name(out_path)
     tmp.unlink(missing_ok=True)  # a leftover of a killed run: start over
@@ -217,7 +226,7 @@ def pack(src: str | os.PathLike, labels: Optional[str | os.PathLike] = None,
                 "options": json.dumps({"chunk": writer.chunk, "compression": compression,
                                        "skip_bad": skip_bad}),
                 "skipped": json.dumps(skipped),
-                "stain": json.dumps(stain or {"method": "none"}),
+                "stain": json.dumps(stain_meta),
             }
             writer.finish(kept_ids, labels_arr, attrs)
         os.replace(tmp, out_path)
@@ -228,6 +237,37 @@ def pack(src: str | os.PathLike, labels: Optional[str | os.PathLike] = None,
         log.warning("skipped %s: %s", path, problem)
     return PackResult(out_path, count, int((labels_arr == 1).sum()), int((labels_arr < 0).sum()),
                       tuple(mean), tuple(std), skipped, time.perf_counter() - t0)
+
+
+REFERENCE_SAMPLE = 2048  # patches the stain reference is fitted on
+
+
+def _stain_setup(method: str, reference_store: Optional[str | os.PathLike], paths: list[str],
+                 workers: int) -> tuple[Optional[BatchTransform], dict]:
+    """The stain-normalizing transform and its description for the store."""
+    if method == "none":
+        if reference_store is not None:
+            raise PcamError("--stain-reference needs --stain reinhard or --stain macenko")
+        return None, {"method": "none"}
+    from .stain import METHODS, fit_reference, normalize
+
+    if method not in METHODS:
+        raise PcamError(f"unknown stain method {method!r} (choose from {', '.join(METHODS)})")
+    if reference_store is not None:
+        from .store import open_store
+
+        ref_store = open_store(reference_store)
+        idx = np.unique(np.linspace(0, len(ref_store) - 1, min(REFERENCE_SAMPLE, len(ref_store))).astype(np.int64))
+        sample, where = ref_store.gather(idx), str(reference_store)
+    else:
+        pick = np.unique(np.linspace(0, len(paths) - 1, min(REFERENCE_SAMPLE, len(paths))).astype(np.int64))
+        sample = np.empty((len(pick), 96, 96, 3), np.uint8)
+        errors = read_into([paths[i] for i in pick], sample)
+        sample = sample[[e is None for e in errors]]
+        where = "the packed folder"
+    ref = fit_reference(sample, method)
+    log.info("stain normalization: %s toward a reference from %d patches of %s", method, len(sample), where)
+    return (lambda images: normalize(images, ref, workers=workers)), ref.to_dict()
 
 
 def _batch_stats(batch) -> None:
