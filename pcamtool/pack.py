@@ -249,7 +249,7 @@ def _stain_setup(method: str, reference_store: Optional[str | os.PathLike], path
         if reference_store is not None:
             raise PcamError("--stain-reference needs --stain reinhard or --stain macenko")
         return None, {"method": "none"}
-    from .stain import METHODS, fit_reference, normalize
+    from .stain import METHODS, StainReference, fit_reference, normalize
 
     if method not in METHODS:
         raise PcamError(f"unknown stain method {method!r} (choose from {', '.join(METHODS)})")
@@ -257,6 +257,13 @@ def _stain_setup(method: str, reference_store: Optional[str | os.PathLike], path
         from .store import open_store
 
         ref_store = open_store(reference_store)
+        recorded = ref_store.stain()
+        if recorded.get("method") == method:
+            # a store packed with this method: reuse its reference exactly, so a
+            # test set packed against the train store matches it bit for bit
+            log.info("stain normalization: %s with the reference recorded in %s", method, reference_store)
+            ref = StainReference.from_dict(recorded)
+            return (lambda images: normalize(images, ref, workers=workers)), ref.to_dict()
         idx = np.unique(np.linspace(0, len(ref_store) - 1, min(REFERENCE_SAMPLE, len(ref_store))).astype(np.int64))
         sample, where = ref_store.gather(idx), str(reference_store)
     else:

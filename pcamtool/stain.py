@@ -1,0 +1,179 @@
+"""Stain normalization: ``pcamtool pack --stain reinhard|macenko``.
+
+Patches from different centres are stained differently; normalizing every
+patch toward one reference (fitted on the training set) removes much of that
+shift. The reference travels with the data: the store records it, the
+checkpoint and the ONNX file carry it, and ``infer`` applies exactly the
+same normalization to test images.
+
+* **Reinhard**: match the mean and std of the tissue pixels in Reinhard's
+  l-alpha-beta space (RGB -> LMS -> log10 -> decorrelated axes).
+* **Macenko**: estimate the hematoxylin and eosin stain vectors from optical
+  density (plane of the two main eigenvectors, robust 1%/99% angles), find
+  each pixel's concentrations, scale their 99th percentile to the
+  reference's, and recompose with the reference stain matrix.
+
+The numba kernels live in :mod:`pcamtool.kernels.stain`; the plain-numpy
+functions here (``reinhard_numpy``, ``macenko_numpy``) implement the same
+formulas independently, for tests and as the benchmark baseline.
+
+Example::
+
+    ref = fit_reference(train_images, "macenko")
+    normalized = normalize(test_images, ref)
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from .errors import PcamError
+from .kernels import stain as K
+
+METHODS = ("none", "reinhard", "macenko")
+POOL_STRIDE = 7  # pixels of each reference patch pooled (every 7th: plenty, and fast)
+
+
+@dataclass(frozen=True)
+class StainReference:
+    """A stain normalization method and the reference it maps toward (JSON-able)."""
+
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise PcamError(f"unknown stain method {self.method!r} (choose from {', '.join(METHODS)})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **self.params}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "StainReference":
+        d = dict(d)
+        method = d.pop("method", "none")
+        return cls(method, d)
+
+
+def _pooled_pixels(images: np.ndarray) -> np.ndarray:
+    flat = np.ascontiguousarray(images).reshape(-1, 3)
+    return np.ascontiguousarray(flat[::POOL_STRIDE]).astype(np.float64)
+
+
+def fit_reference(images: np.ndarray, method: str) -> StainReference:
+    """Fit the reference of ``method`` on the pooled pixels of ``images`` (N, 96, 96, 3) uint8.
+
+    Raises
+    ------
+    PcamError
+        Unknown method, or the images hold (almost) no tissue.
+    """
+    if method not in METHODS:
+        raise PcamError(f"unknown stain method {method!r} (choose from {', '.join(METHODS)})")
+    if method == "none":
+        return StainReference("none")
+    if len(images) == 0:
+        raise PcamError("no images to fit a stain reference on")
+    pixels = _pooled_pixels(images)
+    if method == "reinhard":
+        mean, std, ok = K.lab_stats(pixels)
+        if not ok:
+            raise PcamError("stain reference images contain no tissue (all near-white glass)")
+        return StainReference("reinhard", {"mean": [float(v) for v in mean], "std": [float(v) for v in std]})
+    he, max_c, ok = K.macenko_estimate(K.optical_density(pixels))
+    if not ok:
+        raise PcamError("stain reference images contain no tissue (no stained pixels to estimate H&E from)")
+    return StainReference("macenko", {"stain_matrix": he.T.tolist(), "max_concentrations": [float(v) for v in max_c]})
+
+
+def _kernel_args(ref: StainReference) -> tuple:
+    try:
+        if ref.method == "reinhard":
+            return K.reinhard_batch, (np.asarray(ref.params["mean"], np.float64), np.asarray(ref.params["std"], np.float64))
+        he = np.ascontiguousarray(np.asarray(ref.params["stain_matrix"], np.float64).T)
+        return K.macenko_batch, (he, np.asarray(ref.params["max_concentrations"], np.float64))
+    except KeyError as exc:
+        raise PcamError(f"stain reference for {ref.method} lacks {exc}") from None
+
+
+def normalize(images: np.ndarray, reference: StainReference, out: Optional[np.ndarray] = None,
+              workers: int = 1) -> np.ndarray:
+    """Normalize a uint8 batch (N, H, W, 3) toward ``reference``; blank patches pass unchanged.
+
+    ``workers`` threads split the batch (the kernels release the GIL).
+    """
+    if reference.method == "none":
+        return images if out is None else np.copyto(out, images) or out
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise PcamError(f"stain normalization needs uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+    kernel, args = _kernel_args(reference)
+    images = np.ascontiguousarray(images)
+    if out is None:
+        out = np.empty_like(images)
+    changed = np.zeros(len(images), np.bool_)
+    n = len(images)
+    if workers <= 1 or n < 2 * workers:
+        kernel(images, *args, out, changed)
+        return out
+    bounds = np.linspace(0, n, workers + 1).astype(int)
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda ab: kernel(images[ab[0]:ab[1]], *args, out[ab[0]:ab[1]], changed[ab[0]:ab[1]]),
+                      zip(bounds[:-1], bounds[1:])))
+    return out
+
+
+# ---- plain numpy, written independently of the kernels: the test oracle and benchmark baseline ----
+
+def _tissue_fraction_ok(mask: np.ndarray) -> bool:
+    return mask.sum() >= max(16, K.MIN_TISSUE * mask.size)
+
+
+def reinhard_numpy(image: np.ndarray, reference: StainReference) -> np.ndarray:
+    """Reinhard normalization of one uint8 image with vectorized numpy."""
+    rgb = image.reshape(-1, 3).astype(np.float64)
+    mask = rgb.mean(1) <= K.TISSUE_MAX_MEAN
+    if not _tissue_fraction_ok(mask):
+        return image.copy()
+
+    def to_lab(x: np.ndarray) -> np.ndarray:
+        return np.log10(np.maximum(x @ K.RGB2LMS.T, K.LMS_FLOOR)) @ K.LMS2LAB.T
+
+    lab_t = to_lab(rgb[mask])
+    mean, std = lab_t.mean(0), lab_t.std(0)
+    if not (std > 1e-6).all():
+        return image.copy()
+    lab = (to_lab(rgb) - mean) * (np.asarray(reference.params["std"]) / std) + np.asarray(reference.params["mean"])
+    out = (10.0 ** (lab @ K.LAB2LMS.T)) @ K.LMS2RGB.T
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8).reshape(image.shape)
+
+
+def macenko_numpy(image: np.ndarray, reference: StainReference) -> np.ndarray:
+    """Macenko normalization of one uint8 image with vectorized numpy."""
+    od = -np.log((image.reshape(-1, 3).astype(np.float64) + 1.0) / 256.0)
+    odh = od[(od >= K.OD_BETA).all(1)]
+    if not _tissue_fraction_ok(np.zeros(len(od), bool)) and len(odh) < max(16, K.MIN_TISSUE * len(od)):
+        return image.copy()
+    vals, vecs = np.linalg.eigh(np.cov(odh.T))
+    if not vals[1] > 1e-12:
+        return image.copy()
+    plane = vecs[:, 1:3] * np.where(vecs[:, 1:3].sum(0) < 0, -1.0, 1.0)
+    proj = odh @ plane
+    phi = np.arctan2(proj[:, 1], proj[:, 0])
+    lo, hi = np.percentile(phi, K.ALPHA), np.percentile(phi, 100 - K.ALPHA)
+    v1 = plane @ np.array([np.cos(lo), np.sin(lo)])
+    v2 = plane @ np.array([np.cos(hi), np.sin(hi)])
+    he = np.stack([v1, v2] if v1[0] > v2[0] else [v2, v1], axis=1)
+    he /= np.linalg.norm(he, axis=0)
+    if np.linalg.det(he.T @ he) < 1e-6:
+        return image.copy()
+    conc = np.linalg.lstsq(he, od.T, rcond=None)[0].T
+    max_c = np.percentile(conc, 99, axis=0)
+    if not (max_c > 1e-6).all():
+        return image.copy()
+    ref_he = np.asarray(reference.params["stain_matrix"]).T
+    conc *= np.asarray(reference.params["max_concentrations"]) / max_c
+    out = 256.0 * np.exp(-(conc @ ref_he.T)) - 1.0
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8).reshape(image.shape)
