@@ -1,0 +1,240 @@
+"""Dihedral group and TTA helpers, batched augmentation: determinism, switches, HED round trip."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pcamtool.augment import (HED_FROM_RGB, RGB_FROM_HED, AugmentConfig, augment_batch, color_jitter,
+                              dihedral, dihedral_all, dihedral_batch, dihedral_inverse, dihedral_np,
+                              hed_jitter, hed_to_rgb, random_shift, rgb_to_hed, tta_batch, tta_batch_np,
+                              tta_transforms)
+from pcamtool.errors import PcamError
+
+
+def batch(n: int = 6, seed: int = 0) -> torch.Tensor:
+    """Float NCHW in [0, 1] with tissue-like values (no exact 0 or 1)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 96, 96, generator=g) * 0.9 + 0.05
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ------------------------------------------------------------------ dihedral
+
+
+def test_the_eight_transforms_are_distinct_and_invertible():
+    x = batch(1)
+    outs = [dihedral(x, k) for k in range(8)]
+    for a, b in itertools.combinations(range(8), 2):
+        assert not torch.equal(outs[a], outs[b]), (a, b)
+    for k in range(8):
+        assert torch.equal(dihedral(outs[k], dihedral_inverse(k)), x)
+        assert dihedral_inverse(dihedral_inverse(k)) == k
+
+
+def test_the_transforms_form_a_group_and_match_the_numbering():
+    x = batch(1)
+    outs = [dihedral(x, k) for k in range(8)]
+    for a, b in itertools.product(range(8), repeat=2):  # closed under composition
+        comp = dihedral(dihedral(x, a), b)
+        assert any(torch.equal(comp, o) for o in outs)
+    assert torch.equal(outs[1], torch.rot90(x, 1, (-2, -1)))
+    assert torch.equal(outs[4], x.flip(-1))
+    assert torch.equal(outs[6], x.flip(-2))
+
+
+def test_numpy_and_torch_agree_on_nchw_and_nhwc():
+    x = batch(2)
+    nhwc = (x * 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    for k in range(8):
+        assert np.array_equal(dihedral_np(x.numpy(), k, axes=(2, 3)), dihedral(x, k).numpy())
+        assert np.array_equal(dihedral_np(nhwc.numpy(), k), dihedral(nhwc, k, dims=(1, 2)).numpy())
+    # the same element acts the same on both layouts
+    for k in range(8):
+        a = dihedral(nhwc, k, dims=(1, 2)).permute(0, 3, 1, 2)
+        assert torch.equal(a, dihedral(nhwc.permute(0, 3, 1, 2), k))
+    with pytest.raises(PcamError, match="0..7"):
+        dihedral(x, 8)
+    with pytest.raises(PcamError, match="0..7"):
+        dihedral_np(x.numpy(), -1)
+
+
+def test_per_sample_dihedral_matches_one_at_a_time():
+    x = batch(16)
+    ks = torch.arange(16) % 8
+    out = dihedral_batch(x, ks)
+    for i in range(16):
+        assert torch.equal(out[i], dihedral(x[i:i + 1], int(ks[i]))[0])
+    with pytest.raises(PcamError, match="one transform per image"):
+        dihedral_batch(x, ks[:3])
+
+
+def test_tta_transforms_are_subgroups():
+    assert tta_transforms(1) == [0] and tta_transforms(8) == list(range(8))
+    x = batch(1)
+    for n in (1, 2, 4, 8):
+        ks = tta_transforms(n)
+        assert len(ks) == n == len(set(ks))
+        members = [dihedral(x, k) for k in ks]
+        for a, b in itertools.product(ks, repeat=2):
+            assert any(torch.equal(dihedral(dihedral(x, a), b), m) for m in members), (n, a, b)
+    for bad in (0, 3, 16):
+        with pytest.raises(PcamError, match="--tta must be one of 1, 2, 4, 8"):
+            tta_transforms(bad)
+
+
+def test_tta_batches_are_k_major_and_agree_across_libraries():
+    nhwc = torch.randint(0, 256, (3, 96, 96, 3), dtype=torch.uint8, generator=gen())
+    for n in (1, 2, 4, 8):
+        t = tta_batch(nhwc, n)
+        assert t.shape == (3 * n, 96, 96, 3) and t.dtype == torch.uint8
+        assert np.array_equal(t.numpy(), tta_batch_np(nhwc.numpy(), n))
+        for i, k in enumerate(tta_transforms(n)):
+            assert torch.equal(t[3 * i:3 * i + 3], dihedral(nhwc, k, dims=(1, 2)))
+    assert torch.equal(dihedral_all(nhwc), tta_batch(nhwc, 8))
+    # averaging an orientation-dependent score over all 8 is invariant to transforming the input first
+    def score(b: torch.Tensor) -> torch.Tensor:
+        return b[:, :10, :5, 0].float().sum((1, 2))
+
+    avg = score(dihedral_all(nhwc)).view(8, 3).mean(0)
+    avg_rot = score(dihedral_all(dihedral(nhwc, 5, dims=(1, 2)))).view(8, 3).mean(0)
+    assert torch.allclose(avg, avg_rot) and not torch.allclose(score(nhwc), avg)
+
+
+# --------------------------------------------------------------- augmentation
+
+
+def test_augment_is_deterministic_for_a_seeded_generator():
+    x = batch(8)
+    cfg = AugmentConfig(shift=True)
+    a = augment_batch(x, cfg, gen(3))
+    b = augment_batch(x, cfg, gen(3))
+    c = augment_batch(x, cfg, gen(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == x.shape and a.dtype == x.dtype and a.min() >= 0 and a.max() <= 1
+    assert torch.equal(x, batch(8))  # the input is not modified
+
+
+def test_all_switches_off_is_the_identity():
+    x = batch(4)
+    g = gen()
+    state = g.get_state()
+    assert augment_batch(x, AugmentConfig.off(), g) is x
+    assert torch.equal(g.get_state(), state)  # and draws nothing
+    assert not AugmentConfig.off().enabled and AugmentConfig().enabled
+    zero = AugmentConfig(flip=False, shift=True, shift_px=0, color=True, brightness=0, contrast=0,
+                         saturation=0, hue=0, hed=True, hed_sigma=0, hed_bias=0)
+    assert augment_batch(x, zero, gen()) is x
+
+
+@pytest.mark.parametrize("switch", ["flip", "shift", "color", "hed"])
+def test_each_switch_alone_changes_the_batch(switch):
+    x = batch(8)
+    cfg = dataclasses.replace(AugmentConfig.off(), **{switch: True})
+    out = augment_batch(x, cfg, gen(1))
+    assert not torch.equal(out, x)
+    if switch == "flip":  # every image is one of its own 8 transforms
+        for i in range(8):
+            assert any(torch.equal(out[i], dihedral(x[i:i + 1], k)[0]) for k in range(8))
+    if switch in ("color", "hed"):  # colour changes, geometry does not: the pixels stay correlated
+        assert torch.corrcoef(torch.stack([out.flatten(), x.flatten()]))[0, 1] > 0.8
+
+
+def test_shift_is_a_reflect_padded_crop():
+    x = batch(5)
+    out = random_shift(x, 4, gen(2))
+    padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
+    for i in range(5):
+        crops = [padded[i, :, a:a + 96, b:b + 96] for a in range(9) for b in range(9)]
+        assert any(torch.equal(out[i], c) for c in crops)
+
+
+def test_color_jitter_keeps_grey_and_range():
+    grey = torch.full((4, 3, 96, 96), 0.5)
+    out = color_jitter(grey, 0.0, 0.0, 0.5, 0.4, gen())  # saturation and hue only
+    assert torch.allclose(out, grey, atol=1e-6)
+    x = batch(4)
+    assert torch.equal(color_jitter(x, 0, 0, 0, 0, gen()), x)
+    out = color_jitter(x, 0.5, 0.5, 0.5, 0.5, gen())
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_hed_round_trip_and_zero_strength_identity():
+    x = batch(4)
+    assert torch.allclose(hed_to_rgb(rgb_to_hed(x)), x, atol=1e-5)
+    assert torch.allclose(hed_jitter(x, 0.0, 0.0, gen()), x, atol=1e-5)
+    assert np.allclose(RGB_FROM_HED @ HED_FROM_RGB, np.eye(3))
+    white = torch.ones(1, 3, 96, 96)
+    assert rgb_to_hed(white).abs().max() < 1e-6  # no stain on blank glass
+
+
+def test_hed_matches_scikit_image_formula():
+    """rgb2hed as scikit-image defines it (before its clipping of negatives), in NumPy."""
+    x = batch(2)
+    rgb = x.permute(0, 2, 3, 1).double().numpy()
+    want = (np.log(np.maximum(rgb, 1e-6)) / np.log(1e-6)) @ HED_FROM_RGB
+    got = rgb_to_hed(x).permute(0, 2, 3, 1).double().numpy()
+    assert np.allclose(got, want, atol=1e-5)
+
+
+def test_hed_jitter_scales_the_stain_channels():
+    x = batch(4) * 0.4 + 0.3  # mid-tones, so that scaling clips no pixel
+    out = hed_jitter(x, 0.3, 0.0, gen(5))  # alpha only: each stain channel is scaled per image
+    ratio = rgb_to_hed(out) / rgb_to_hed(x)
+    mask = rgb_to_hed(x).abs() > 0.02
+    for i in range(4):
+        for c in range(3):
+            r = ratio[i, c][mask[i, c]]
+            # one factor per image and channel (apart from pixels clipped at 0 or 1)
+            assert r.numel() > 100 and 0.7 <= r.median() <= 1.3
+            assert ((r - r.median()).abs() < 0.01).float().mean() > 0.95
+
+
+def test_config_validation():
+    with pytest.raises(PcamError, match="augment.brightness must be a non-negative number"):
+        AugmentConfig(brightness=-0.1)
+    with pytest.raises(PcamError, match="hed_sigma"):
+        AugmentConfig(hed_sigma=-1)
+    with pytest.raises(PcamError, match="flip must be true or false"):
+        AugmentConfig(flip="yes")  # type: ignore[arg-type]
+    with pytest.raises(PcamError, match="below 1"):
+        AugmentConfig(contrast=1.5)
+    with pytest.raises(PcamError, match="shift_px"):
+        AugmentConfig(shift_px=2.5)
+    cfg = AugmentConfig(shift=True, hue=0.05)
+    assert AugmentConfig(**dataclasses.asdict(cfg)) == cfg
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.hue = 0.1  # type: ignore[misc]
+
+
+def test_augment_rejects_uint8_and_nhwc():
+    with pytest.raises(PcamError, match="float"):
+        augment_batch(torch.zeros(2, 3, 96, 96, dtype=torch.uint8), AugmentConfig(), gen())
+    with pytest.raises(PcamError, match="float"):
+        augment_batch(torch.zeros(2, 96, 96, 3), AugmentConfig(), gen())
+
+
+def test_channels_last_input_gives_the_same_values():
+    x = batch(4)
+    cfg = AugmentConfig(shift=True)
+    a = augment_batch(x, cfg, gen(7))
+    b = augment_batch(x.contiguous(memory_format=torch.channels_last), cfg, gen(7))
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_same_code_on_cuda():
+    x = batch(8)
+    cfg = AugmentConfig(shift=True)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    out = augment_batch(x.cuda(), cfg, g)
+    again = augment_batch(x.cuda(), cfg, torch.Generator(device="cuda").manual_seed(0))
+    assert out.device.type == "cuda" and torch.equal(out, again)

@@ -1,0 +1,93 @@
+"""uint8 -> float conversion, normalization, and the ONNX export of PcamNet with uint8 input."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pcamtool.errors import PcamError
+from pcamtool.models import create_model
+from pcamtool.preprocess import Normalize, PcamNet, to_float01
+
+MEAN, STD = [0.70, 0.54, 0.69], [0.24, 0.28, 0.21]
+
+
+def images(n: int = 4, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 96, 96, 3), dtype=torch.uint8, generator=g)
+
+
+def test_to_float01_values_layout_and_range():
+    x = images()
+    f = to_float01(x)
+    assert f.shape == (4, 3, 96, 96) and f.dtype == torch.float32 and f.is_contiguous()
+    assert torch.equal(f, x.permute(0, 3, 1, 2).double().div(255).float())
+    assert f.min() >= 0 and f.max() <= 1
+    cl = to_float01(x, memory_format=torch.channels_last)
+    assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(cl, f)
+    # an NHWC batch that is itself a strided view (e.g. NCHW storage) converts the same
+    strided = x.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+    assert torch.equal(to_float01(strided), f)
+    assert to_float01(torch.full((1, 96, 96, 3), 255, dtype=torch.uint8)).eq(1).all()
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(2, 96, 96, 3), torch.zeros(96, 96, 3, dtype=torch.uint8),
+                                 torch.zeros(2, 3, 96, 96, dtype=torch.uint8)])
+def test_to_float01_rejects_what_is_not_uint8_nhwc(bad):
+    with pytest.raises(PcamError, match="expected"):
+        to_float01(bad)
+
+
+def test_normalize_matches_the_formula_and_keeps_dtype():
+    norm = Normalize(MEAN, STD)
+    x = torch.rand(2, 3, 8, 8)
+    want = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    assert torch.allclose(norm(x), want, atol=1e-6)
+    assert norm(x.half()).dtype == torch.float16
+    assert set(norm.state_dict()) == {"mean", "std"}
+    with pytest.raises(PcamError, match="3 values"):
+        Normalize([0.5, 0.5], [1, 1])
+    with pytest.raises(PcamError, match="positive"):
+        Normalize(MEAN, [0.2, 0.0, 0.2])
+
+
+def test_pcamnet_uint8_and_float_paths_agree():
+    torch.manual_seed(0)
+    net = PcamNet(create_model("pcamnet", width=8), np.array(MEAN), torch.tensor(STD)).eval()
+    x = images(3)
+    out = net(x)
+    assert out.shape == (3,) and out.dtype == torch.float32
+    assert torch.equal(out, net.forward01(to_float01(x)))
+    assert {"normalize.mean", "normalize.std"} <= set(net.state_dict())
+
+
+def test_onnx_export_with_uint8_input_matches_pytorch(tmp_path):
+    """The exported graph takes uint8 NHWC with a dynamic batch and gives PyTorch's numbers."""
+    import warnings
+
+    import onnx
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    net = PcamNet(create_model("pcamnet", width=8), MEAN, STD).eval()
+    with torch.no_grad():  # non-trivial BN statistics, so normalization and BN folding are exercised
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+    path = tmp_path / "net.onnx"
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (images(2),), str(path), input_names=["images"], output_names=["logits"],
+                          opset_version=17, dynamo=False,
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = images(5, seed=1)
+    got = sess.run(None, {"images": x.numpy()})[0]
+    with torch.no_grad():
+        want = net(x).numpy()
+    assert got.shape == (5,) and np.abs(got - want).max() <= 1e-4
