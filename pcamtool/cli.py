@@ -344,6 +344,26 @@ def demo(folder: Path, n_train: int, n_test: int, epochs: int | None, seed: int,
                f"|  {res.seconds:.0f}s  |  submission {res.submission}")
 
 
+@cli.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), default=Path("eda"), show_default=True,
+              help="Folder for the figures.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Look at a random N patches only.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed for samples.")
+@handle_errors
+def eda(src: Path, out: Path, limit: int | None, seed: int) -> None:
+    """Figures of a store or tif folder: balance, samples, histograms, outliers."""
+    from .eda import load_for_eda, run_eda
+
+    images, labels, ids = load_for_eda(src, limit, seed)
+    rep = run_eda(images, labels, ids, out, seed=seed, title=src.name)
+    for p in rep.figures:
+        click.echo(str(p))
+    log.info("%s; %d near-white and %d near-black outliers (listed in %s)",
+             ", ".join(f"{k}: {v:,}" for k, v in rep.class_counts.items()), len(rep.outliers_white),
+             len(rep.outliers_black), out / "outliers.csv")
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="pcamtool")

@@ -1,0 +1,180 @@
+"""Look at the data: ``pcamtool eda STORE_OR_DIR [-o FOLDER]``.
+
+Writes the figures users otherwise make by hand in notebooks: class balance,
+sample patches per class with the central 32x32 square outlined, per-channel
+intensity histograms by class, and the blank/outlier patches (near-white
+glass, near-black) with their ids in ``outliers.csv``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .errors import PcamError
+
+WHITE_MEAN = 220.0   # mean intensity above which a patch is (almost) only glass
+WHITE_STD = 12.0     # ... and nearly flat
+BLACK_MEAN = 30.0    # mean intensity below which a patch is a scanning artefact
+CLASS_NAMES = {0: "normal (0)", 1: "tumour (1)", -1: "unlabelled"}
+CLASS_COLOURS = {0: "#3b7dd8", 1: "#d8453b", -1: "#777777"}
+
+
+@dataclass(frozen=True)
+class EdaReport:
+    folder: Path
+    figures: list[Path]
+    class_counts: dict[str, int]
+    outliers_white: list[str] = field(default_factory=list)
+    outliers_black: list[str] = field(default_factory=list)
+
+
+def find_outliers(images: np.ndarray, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean masks of near-white (glass) and near-black patches in a uint8 (N, H, W, 3) batch."""
+    n = len(images)
+    white = np.zeros(n, bool)
+    black = np.zeros(n, bool)
+    for a in range(0, n, chunk):
+        x = images[a:a + chunk].reshape(min(chunk, n - a), -1).astype(np.float32)
+        mean, std = x.mean(1), x.std(1)
+        white[a:a + chunk] = (mean >= WHITE_MEAN) & (std <= WHITE_STD)
+        black[a:a + chunk] = mean <= BLACK_MEAN
+    return white, black
+
+
+def _save(fig, path: Path) -> Path:
+    tmp = path.with_name(f".{path.stem}.partial.png")
+    fig.savefig(tmp, dpi=110, format="png")
+    os.replace(tmp, path)
+    return path
+
+
+def run_eda(images: np.ndarray, labels: Optional[np.ndarray], ids: Sequence[str], out_dir: str | os.PathLike,
+            sample_per_class: int = 16, seed: int = 0, title: str = "") -> EdaReport:
+    """Write the EDA figures for ``images`` into ``out_dir``."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    if len(images) == 0:
+        raise PcamError("no images to look at")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    y = np.full(len(images), -1, np.int8) if labels is None else np.asarray(labels, np.int8)
+    classes = [c for c in (0, 1, -1) if (y == c).any()]
+    counts = {CLASS_NAMES[c]: int((y == c).sum()) for c in classes}
+    figs: list[Path] = []
+    rng = np.random.default_rng(seed)
+
+    fig = Figure(figsize=(5, 4))
+    ax = fig.add_subplot()
+    bars = ax.bar(list(counts), list(counts.values()), color=[CLASS_COLOURS[c] for c in classes])
+    for b, v in zip(bars, counts.values()):
+        ax.text(b.get_x() + b.get_width() / 2, v, f"{v:,}\n({100 * v / len(y):.1f}%)", ha="center", va="bottom")
+    ax.set_ylabel("patches")
+    ax.set_ylim(0, max(counts.values()) * 1.2)
+    ax.set_title(f"Class balance{' - ' + title if title else ''} (n={len(y):,})")
+    fig.tight_layout()
+    figs.append(_save(fig, out / "class_balance.png"))
+
+    cols = 8
+    rows_per = -(-sample_per_class // cols)
+    fig = Figure(figsize=(cols * 1.3, len(classes) * rows_per * 1.45 + 0.4))
+    for ci, c in enumerate(classes):
+        idx = np.flatnonzero(y == c)
+        pick = rng.choice(idx, min(sample_per_class, len(idx)), replace=False)
+        for j, i in enumerate(pick):
+            ax = fig.add_subplot(len(classes) * rows_per, cols, ci * rows_per * cols + j + 1)
+            ax.imshow(images[i])
+            ax.add_patch(Rectangle((31.5, 31.5), 32, 32, fill=False, lw=1.2, ec=CLASS_COLOURS[c]))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(CLASS_NAMES[c], fontsize=8)
+    fig.suptitle("Sample patches (the label is about the outlined central 32x32)", fontsize=10)
+    fig.tight_layout()
+    figs.append(_save(fig, out / "samples.png"))
+
+    fig = Figure(figsize=(12, 3.6))
+    bins = np.arange(257)
+    for k, name in enumerate(("red", "green", "blue")):
+        ax = fig.add_subplot(1, 3, k + 1)
+        for c in classes:
+            sel = images[y == c][..., k]
+            hist = np.bincount(sel.ravel(), minlength=256) / max(sel.size, 1)
+            ax.plot(bins[:-1], hist, color=CLASS_COLOURS[c], label=CLASS_NAMES[c])
+        ax.set_title(f"{name} channel")
+        ax.set_xlabel("intensity")
+        ax.set_xlim(0, 255)
+        if k == 0:
+            ax.set_ylabel("fraction of pixels")
+            ax.legend(fontsize=8)
+    fig.suptitle("Per-channel intensity by class", fontsize=10)
+    fig.tight_layout()
+    figs.append(_save(fig, out / "channel_histograms.png"))
+
+    white, black = find_outliers(images)
+    bad = np.flatnonzero(white | black)
+    means = images.reshape(len(images), -1).mean(1)
+    lines = ["id,kind,mean"] + [f"{ids[i]},{'white' if white[i] else 'black'},{means[i]:.1f}" for i in bad]
+    tmp = out / ".outliers.csv.partial"
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, out / "outliers.csv")
+    show = bad[:24]
+    fig = Figure(figsize=(cols * 1.3, max(1, -(-len(show) // cols)) * 1.5 + 0.5))
+    if len(show):
+        for j, i in enumerate(show):
+            ax = fig.add_subplot(-(-len(show) // cols), cols, j + 1)
+            ax.imshow(images[i])
+            ax.set_title(f"{ids[i][:8]} {'white' if white[i] else 'black'}", fontsize=6)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        fig.suptitle(f"Outliers: {int(white.sum())} near-white (glass), {int(black.sum())} near-black "
+                     f"(all listed in outliers.csv)", fontsize=10)
+    else:
+        fig.text(0.5, 0.5, "no near-white or near-black patches", ha="center")
+    fig.tight_layout()
+    figs.append(_save(fig, out / "outliers.png"))
+    return EdaReport(out, figs, counts, [ids[i] for i in np.flatnonzero(white)], [ids[i] for i in np.flatnonzero(black)])
+
+
+def load_for_eda(src: str | os.PathLike, limit: Optional[int] = None, seed: int = 0
+                 ) -> tuple[np.ndarray, Optional[np.ndarray], list[str]]:
+    """Images, labels and ids from a store or a tif folder (a random ``limit`` of them if given)."""
+    src = Path(src)
+    if src.is_dir():
+        from .pack import default_labels_path
+        from .tiff import iter_batches, list_tifs
+
+        listing = list_tifs(src)
+        if not listing.paths:
+            raise PcamError(f"{src}: no .tif files found")
+        keep = np.arange(len(listing.paths))
+        if limit and limit < len(keep):
+            keep = np.sort(np.random.default_rng(seed).choice(keep, limit, replace=False))
+        paths = [listing.paths[i] for i in keep]
+        ids = [listing.ids[i] for i in keep]
+        images = np.empty((len(paths), 96, 96, 3), np.uint8)
+        ok = np.ones(len(paths), bool)
+        for b in iter_batches(paths, 512):
+            images[b.start:b.start + len(b.images)] = b.images
+            for j, e in enumerate(b.errors):
+                ok[b.start + j] = e is None
+        images, ids = images[ok], [i for i, k in zip(ids, ok) if k]
+        labels = None
+        csv_path = default_labels_path(src)
+        if csv_path.exists():
+            from .csvio import read_labels
+
+            table = read_labels(csv_path)
+            labels = np.array([table.get(i, -1) for i in ids], np.int8)
+        return images, labels, ids
+    from .store import open_store
+
+    store = open_store(src)
+    idx = np.arange(len(store))
+    if limit and limit < len(idx):
+        idx = np.sort(np.random.default_rng(seed).choice(idx, limit, replace=False))
+    return store.gather(idx), store.labels[idx], [store.ids[i] for i in idx]
