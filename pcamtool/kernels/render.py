@@ -198,7 +198,7 @@ def patch_state(seed_lo, seed_hi, code, index):
 @jit
 def _u(st):
     """A uniform in [0, 1) from the xorshift32 state ``st[0]`` (24 bits)."""
-    x = st[0]
+    x = st[0] & M32  # any state stays in 32 bits (a stray negative one cannot index out of range)
     x ^= (x << 13) & M32
     x ^= x >> 17
     x ^= (x << 5) & M32
@@ -326,8 +326,9 @@ def compose_fields(raw, off, q, fields, tum):
             fields[F_PHASE, y, x] = q[Q_PHASE_AMP] * r_ph[x]
             fields[F_ANGLE, y, x] = q[Q_ANGLE0] + 0.5 * r_an[x]
             fields[F_TEX, y, x] = r_tex[x]
-            fields[F_WARP_X, y, x] = 2.5 * r_wx[x]
-            fields[F_WARP_Y, y, x] = 2.5 * r_wy[x]
+            if fat:  # only the fat walls read the warp
+                fields[F_WARP_X, y, x] = 2.5 * r_wx[x]
+                fields[F_WARP_Y, y, x] = 2.5 * r_wy[x]
 
 
 # ---------------------------------------------------------------- cells
@@ -396,8 +397,18 @@ def _clear_of(cells, n, x, y, margin):
 
 
 @jit
+def _copy_row(a, src, dst):
+    """``a[dst] = a[src]`` by hand: numba's slice assignment drags in
+    seconds of compile time (error-message formatting) for nothing."""
+    if src != dst:
+        for k in range(a.shape[1]):
+            a[dst, k] = a[src, k]
+
+
+@jit
 def _new_cell(c, x, y, kind):
-    c[:] = 0.0
+    for k in range(c.shape[0]):
+        c[k] = 0.0
     c[C_X] = x
     c[C_Y] = y
     c[C_KIND] = kind
@@ -497,7 +508,7 @@ def _scene_vector(st, sl, target, blank):
         arche += 1
         acc += sl[S_ARCHE + arche]
     # Mostly a full field of tissue; sometimes a tissue edge or clefts.
-    if _u(st) < 0.35:
+    if _u(st) < 0.3:
         q[Q_EDGE_ON] = 1.0
         q[Q_EDGE_OFF] = _uni(st, -0.5, 1.8)
     if _u(st) < 0.3:
@@ -534,7 +545,7 @@ def _scene_vector(st, sl, target, blank):
         q[Q_TUM_MODE] = 1.0
         q[Q_TUM_X] = _uni(st, 20.0, 76.0)
         q[Q_TUM_Y] = _uni(st, 20.0, 76.0)
-        q[Q_TUM_RHO] = math.exp(_uni(st, math.log(8.0), math.log(80.0)))
+        q[Q_TUM_RHO] = math.exp(_uni(st, math.log(10.0), math.log(110.0)))
     elif target == T_PERIPH:
         a = _u(st) * 2.0 * math.pi
         d = _uni(st, 38.0, 58.0)
@@ -548,7 +559,7 @@ def _scene_vector(st, sl, target, blank):
 
 
 @jit
-def _place_tumour(st, sl, target, tum, cells):
+def _place_tumour(st, sl, target, q, tum, cells):
     """Tumour cells on a tight lattice inside the nest; returns their count."""
     n = 0
     pts = _lattice(st, 2.0 * sl[S_TUM_R] * sl[S_CYTO_RATIO] * _uni(st, 0.72, 0.9), 0.18, 8.0)
@@ -569,17 +580,22 @@ def _place_tumour(st, sl, target, tum, cells):
                 hit = True
                 break
         if not hit:
-            # The nest missed the centre: seed one cell there so the patch
-            # is the positive it was drawn to be, pushing aside its neighbours.
-            _tumour_cell(cells[n], st, sl, _uni(st, CENTRE_LO, CENTRE_HI), _uni(st, CENTRE_LO, CENTRE_HI))
-            extra = cells[n].copy()
+            # The ragged nest missed the centre: seed one cell at the rim of
+            # the square nearest the nest (so it joins it) and push aside
+            # the neighbours it lands on. The patch is then the positive it
+            # was drawn to be.
+            x = min(max(q[Q_TUM_X], CENTRE_LO), CENTRE_HI) + _uni(st, -2.0, 2.0)
+            y = min(max(q[Q_TUM_Y], CENTRE_LO), CENTRE_HI) + _uni(st, -2.0, 2.0)
+            _tumour_cell(cells[n], st, sl, x, y)
+            r = max(cells[n, C_CYR], cells[n, C_A], cells[n, C_B])
             m = 0
-            for i in range(n):
-                if _clear_of(extra.reshape(1, N_CELL), 1, cells[i, C_X], cells[i, C_Y], 0.0):
-                    cells[m] = cells[i]
+            for i in range(n + 1):  # keep the cells clear of it, then itself (row n)
+                dx = cells[i, C_X] - x
+                dy = cells[i, C_Y] - y
+                if i == n or dx * dx + dy * dy > r * r:
+                    _copy_row(cells, i, m)
                     m += 1
-            cells[m] = extra
-            n = m + 1
+            n = m
     return n
 
 
@@ -638,13 +654,13 @@ def _paint_vector(st, sl, par, tsz):
         par[P_WHITE + c] = sl[S_WHITE + c]
     par[P_BLUR] = sl[S_BLUR] * math.exp(0.1 * _normal(st))
     par[P_NOISE] = sl[S_NOISE]
-    par[P_LYMPH_E] = _uni(st, 0.12, 0.3)
-    par[P_LYMPH_H] = _uni(st, 0.04, 0.12)
+    par[P_LYMPH_E] = _uni(st, 0.08, 0.22)
+    par[P_LYMPH_H] = _uni(st, 0.06, 0.16)
     par[P_STROMA_E] = _uni(st, 0.25, 0.6)
     par[P_STROMA_H] = _uni(st, 0.0, 0.06)
     par[P_FIBRE_FREQ] = _uni(st, 0.6, 1.6)
-    par[P_MEMB_E] = _uni(st, 0.3, 0.7)
-    par[P_MEMB_W] = _uni(st, 0.4, 0.8)
+    par[P_MEMB_E] = _uni(st, 0.2, 0.5)
+    par[P_MEMB_W] = _uni(st, 0.35, 0.7)
     par[P_GLASS_E] = _uni(st, 0.0, 0.04)
     par[P_TEX_AMP] = _uni(st, 0.1, 0.35)
     par[P_NOISE_X] = int(_u(st) * tsz)
@@ -681,15 +697,17 @@ def build_scene(st, sl, target, raw, fields, tum, cells, seeds, par, tsz):
     # Most specific cells first: later kinds avoid the bodies of earlier ones.
     n = 0
     if target != T_NEG:
-        n = _place_tumour(st, sl, target, tum, cells)
+        n = _place_tumour(st, sl, target, q, tum, cells)
     if not blank:
         n = _place_others(st, sl, fields, cells, n)
     ns = 0
     if q[Q_FAT_ON] > 0.5:
-        fd = _uni(st, 24.0, 46.0)
+        fd = _uni(st, 34.0, 62.0)  # adipocytes are 50-100 um: 50-100 px at PCam's 0.97 um/px
         pts = _lattice(st, fd, 0.3, fd)
         ns = min(pts.shape[0], MAX_SEEDS)
-        seeds[:ns] = pts[:ns]
+        for k in range(ns):
+            seeds[k, 0] = pts[k, 0]
+            seeds[k, 1] = pts[k, 1]
     _paint_vector(st, sl, par, tsz)
     return n, ns
 
@@ -769,9 +787,16 @@ def _fat_membranes(seeds, fields, memb):
 
 
 @jit
-def _background(fields, par, seeds, hmap, emap, memb):
-    """Fill the stain maps with everything that is not a cell (``memb`` is scratch)."""
+def _background(fields, par, seeds, hmap, emap, memb, grain):
+    """Fill the stain maps with everything that is not a cell.
+
+    ``memb`` is scratch; ``grain`` is the fine (1-2 px) texture tile, whose
+    speckle keeps flat eosin from looking airbrushed.
+    """
     s = hmap.shape[0]
+    gsz = grain.shape[0]
+    gx = int(par[P_TEX_Y]) % gsz  # another window of the tile than the nuclei's
+    gy = int(par[P_TEX_X]) % gsz
     fat = seeds.shape[0] >= 2
     if fat:
         _fat_membranes(seeds, fields, memb)
@@ -794,6 +819,7 @@ def _background(fields, par, seeds, hmap, emap, memb):
         r_m = memb[y]
         r_e = emap[y]
         r_h = hmap[y]
+        r_g = grain[(y + gy) % gsz]
         for x in range(s):
             t = r_t[x]
             f = r_f[x]
@@ -821,7 +847,10 @@ def _background(fields, par, seeds, hmap, emap, memb):
             e_soft = (1.0 - st) * lE + st * sE * col
             h_soft = (1.0 - st) * lH + st * sH
             e_fat = m * memE + (1.0 - m) * gE
-            e_tis = f * e_fat + (1.0 - f) * e_soft * (1.0 + tamp * tex)
+            col = x + gx
+            if col >= gsz:
+                col -= gsz
+            e_tis = f * e_fat + (1.0 - f) * e_soft * (1.0 + tamp * tex + 0.18 * r_g[col])
             if e_tis < 0.0:
                 e_tis = 0.0
             r_e[x] = (1.0 - t) * gE + t * e_tis
@@ -1114,11 +1143,16 @@ def render_batch(slides, slide_of, targets, index, seed_lo, seed_hi, code, raw, 
         nc, ns = build_scene(st, slides[slide_of[i]], targets[i], raw, fields, tum, cells, seeds, par, tsz)
         tx = int(par[P_TEX_X])
         ty = int(par[P_TEX_Y])
-        tmask[i, :, :] = False
-        _background(fields, par, seeds[:ns], hmap, emap, memb)
+        mk = tmask[i]
+        for y in range(s):
+            for x in range(s):
+                mk[y, x] = False
+        _background(fields, par, seeds[:ns], hmap, emap, memb, tex)
         _cytoplasm(cells[:nc], hmap, emap, tex, tx, ty, tmask[i])
         _nuclei(cells[:nc], hmap, emap, tex, tx, ty)
         _to_rgb(hmap, emap, par, noise, out[i], img, tmp, buf, trans)
         if cells_out.shape[0] > 0:
-            cells_out[i, :nc] = cells[:nc]
+            for j in range(nc):
+                for k in range(N_CELL):
+                    cells_out[i, j, k] = cells[j, k]
             ncell_out[i] = nc
