@@ -322,11 +322,12 @@ def synth(out: Path, n_train: int, n_test: int, seed: int, force: bool) -> None:
 
 @cli.command()
 @click.argument("folder", required=False, default="demo", type=click.Path(path_type=Path))
-@click.option("--train", "n_train", type=click.IntRange(100), default=20000, show_default=True,
+@click.option("--train", "n_train", type=click.IntRange(100), default=10000, show_default=True,
               help="Synthetic train patches.")
-@click.option("--test", "n_test", type=click.IntRange(10), default=5000, show_default=True,
+@click.option("--test", "n_test", type=click.IntRange(10), default=2000, show_default=True,
               help="Synthetic test patches (another staining centre).")
-@click.option("--epochs", type=click.IntRange(1), default=None, help="Training epochs (default: train's default).")
+@click.option("--epochs", type=click.IntRange(1), default=4, show_default=True,
+              help="Training epochs (a short run: the demo should finish in minutes on a laptop).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (same seed, same output).")
 @force_option
 @handle_errors
@@ -337,7 +338,7 @@ def demo(folder: Path, n_train: int, n_test: int, epochs: int | None, seed: int,
     from .config import TrainConfig
     from .demo import run_demo
 
-    cfg = TrainConfig() if epochs is None else replace(TrainConfig(), epochs=epochs)
+    cfg = replace(TrainConfig(), epochs=epochs)
     res = run_demo(folder, n_train=n_train, n_test=n_test, seed=seed, train=cfg, force=force,
                    progress=progress_enabled())
     click.echo(f"validation AUC {res.val_auc:.4f}  |  test AUC (shifted stain, TTA x8) {res.test_auc:.4f}  "

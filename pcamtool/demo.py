@@ -27,7 +27,7 @@ class DemoResult:
     seconds: float
 
 
-def run_demo(folder: str | Path = "demo", n_train: int = 20000, n_test: int = 5000, seed: int = 0,
+def run_demo(folder: str | Path = "demo", n_train: int = 10000, n_test: int = 2000, seed: int = 0,
              tta: int = 8, train: Optional[TrainConfig] = None, force: bool = False,
              progress: bool = True) -> DemoResult:
     """Run every stage on synthetic data in ``folder`` and return the AUCs."""

@@ -7,6 +7,14 @@ user mistakes.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
+
+def few(names: Sequence[object], n: int = 3) -> str:
+    """``a, b, c and 7 more``: enough names for an error message to be acted on."""
+    more = f" and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(str(x) for x in names[:n]) + more
+
 
 class PcamError(ValueError):
     """Base class of every error caused by bad input or a bad request."""

@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from .csvio import read_id_table
-from .errors import PcamError
+from .errors import PcamError, few
 from .fsutil import atomic_path
 
 DEFAULT_THRESHOLD = 0.5
@@ -72,11 +72,6 @@ class EvalReport:
         return "\n".join(lines)
 
 
-def _few(names: Sequence[str], n: int = 3) -> str:
-    more = f" and {len(names) - n} more" if len(names) > n else ""
-    return ", ".join(str(x) for x in names[:n]) + more
-
-
 def _confusion(labels: np.ndarray, pred: np.ndarray) -> list[list[int]]:
     tp = int(np.sum(pred & labels))
     fp = int(np.sum(pred & ~labels))
@@ -100,7 +95,7 @@ def _check_inputs(probs: np.ndarray, labels: np.ndarray, ids: Optional[Sequence[
         raise PcamError(f"{labels_source}: nothing to score (no rows)")
 
     def name(rows: np.ndarray) -> str:
-        return _few([ids[i] for i in rows] if ids is not None else [f"row {i}" for i in rows])
+        return few([ids[i] for i in rows] if ids is not None else [f"row {i}" for i in rows])
 
     bad = np.flatnonzero(~np.isfinite(p) | (p < 0.0) | (p > 1.0))
     if bad.size:
@@ -253,9 +248,9 @@ def evaluate_submission(submission_csv: str | os.PathLike, labels_csv: str | os.
         parts = []
         if missing:
             parts.append(f"{len(missing)} id(s) of {labels_csv} are missing from {submission_csv}: "
-                         f"{_few(missing)}")
+                         f"{few(missing)}")
         if extra:
-            parts.append(f"{len(extra)} id(s) of {submission_csv} are not in {labels_csv}: {_few(extra)}")
+            parts.append(f"{len(extra)} id(s) of {submission_csv} are not in {labels_csv}: {few(extra)}")
         raise PcamError("; ".join(parts))
     ids = list(truth)
     probs = np.fromiter((submission[k] for k in ids), np.float64, len(ids))

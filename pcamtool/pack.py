@@ -20,7 +20,7 @@ import numpy as np
 
 from . import __version__
 from .csvio import read_labels
-from .errors import BadImageError, LabelsError, PcamError
+from .errors import BadImageError, LabelsError, PcamError, few
 from .fsutil import check_writable, partial_name
 from .kernels.stats import channel_sums
 from .progress import progress_bar
@@ -68,11 +68,6 @@ def default_store_path(src: Path) -> Path:
     return src.parent / f"{src.name}.h5"
 
 
-def _few(names: list[str], n: int = 3) -> str:
-    more = f" and {len(names) - n} more" if len(names) > n else ""
-    return ", ".join(names[:n]) + more
-
-
 def _match_labels(src: Path, tifs: list[str], stems: list[str], labels: dict[str, int],
                   labels_path: Path, skip_bad: bool, skipped: list[tuple[str, str]]
                   ) -> tuple[list[str], list[str], np.ndarray]:
@@ -83,12 +78,12 @@ def _match_labels(src: Path, tifs: list[str], stems: list[str], labels: dict[str
     if unlabelled:
         if not skip_bad:
             raise LabelsError(f"{labels_path}: no label row for {len(unlabelled)} image(s) in {src}: "
-                              f"{_few([os.path.basename(tifs[i]) for i in unlabelled])}")
+                              f"{few([os.path.basename(tifs[i]) for i in unlabelled])}")
         skipped.extend((tifs[i], "no label row") for i in unlabelled)
         kept = [i for i, s in enumerate(stems) if s in labels]
         tifs, stems = [tifs[i] for i in kept], [stems[i] for i in kept]
     if orphans:
-        msg = f"{labels_path}: {len(orphans)} label row(s) have no image in {src}: {_few(orphans)}"
+        msg = f"{labels_path}: {len(orphans)} label row(s) have no image in {src}: {few(orphans)}"
         if not skip_bad:
             raise LabelsError(msg)
         log.warning("%s (ignored)", msg)
@@ -150,7 +145,7 @@ def pack(src: str | os.PathLike, labels: Optional[str | os.PathLike] = None,
 
     listing = list_tifs(src)
     if listing.others:
-        log.warning("%s: ignoring %d non-tif file(s): %s", src, len(listing.others), _few(listing.others))
+        log.warning("%s: ignoring %d non-tif file(s): %s", src, len(listing.others), few(listing.others))
     if not listing.paths:
         raise PcamError(f"{src}: no .tif files found")
     tifs, stems = listing.paths, listing.ids  # sorted by id: the store's row order

@@ -24,15 +24,10 @@ from typing import Collection, Optional, Sequence
 import numpy as np
 
 from .csvio import read_id_table, write_rows
-from .errors import LabelsError, PcamError
+from .errors import LabelsError, PcamError, few
 from .fsutil import check_writable
 
 _SHARD = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
-
-
-def _few(names: Sequence[str], n: int = 3) -> str:
-    more = f" and {len(names) - n} more" if len(names) > n else ""
-    return ", ".join(names[:n]) + more
 
 
 def order_like_sample(ids: Sequence[str], probs: Sequence[float] | np.ndarray,
@@ -81,10 +76,10 @@ def order_like_sample(ids: Sequence[str], probs: Sequence[float] | np.ndarray,
         missing = [k for k in sample if k not in index and k not in skipped]
         if missing:
             raise PcamError(f"{sample_csv}: {len(missing)} of its {len(sample)} id(s) have no "
-                            f"prediction: {_few(missing)}")
+                            f"prediction: {few(missing)}")
         extra = [k for k in ids if k not in sample]
         if extra:
-            raise PcamError(f"{len(extra)} predicted id(s) are not in {sample_csv}: {_few(extra)}")
+            raise PcamError(f"{len(extra)} predicted id(s) are not in {sample_csv}: {few(extra)}")
         order = [k for k in sample if k in index]
     return order, p[[index[k] for k in order]]
 

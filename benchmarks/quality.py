@@ -1,0 +1,119 @@
+"""Quality runs: AUC of a training recipe on a held-out split, with TTA 1/2/4/8.
+
+Not a pytest benchmark (it trains for minutes): a script whose table goes
+into ``benchmarks/RESULTS.md``. Two data sets:
+
+* ``--data real``: the real Kaggle sample ``../shared/pcam-real`` split 80/20
+  (stratified, seed 0); validation is the held-back 20%.
+* ``--data synth``: ``pcamtool synth`` data; validation is a 20% split of the
+  train centres and "shift" is the synthetic test split (another centre).
+
+Example::
+
+    python benchmarks/quality.py --data real --stain macenko --tag macenko
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from pcamtool import open_store, pack
+from pcamtool.augment import AugmentConfig
+from pcamtool.config import TrainConfig
+from pcamtool.csvio import read_labels
+from pcamtool.evaluate import evaluate_arrays
+from pcamtool.export import export_onnx
+from pcamtool.infer import predict
+from pcamtool.split import make_split
+from pcamtool.train import fit
+
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "pcam-real"
+
+
+def split_folder(src: Path, labels: dict[str, int], out: Path, seed: int = 0) -> tuple[Path, Path]:
+    """Symlink an 80/20 stratified split of ``src`` into ``out/{train,val}`` with labels CSVs."""
+    ids = sorted(labels)
+    y = np.array([labels[i] for i in ids])
+    tr, va = make_split(y, 0.2, seed)
+    for name, idx in (("train", tr), ("val", va)):
+        d = out / name
+        d.mkdir(parents=True, exist_ok=True)
+        for i in idx:
+            link = d / f"{ids[i]}.tif"
+            if not link.exists():
+                link.symlink_to(src / f"{ids[i]}.tif")
+        rows = "\n".join(f"{ids[i]},{y[i]}" for i in idx)
+        (out / f"{name}_labels.csv").write_text(f"id,label\n{rows}\n")
+    return out / "train", out / "val"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", choices=["real", "synth"], default="real")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/pcam-quality"))
+    ap.add_argument("--tag", default="default")
+    ap.add_argument("--arch", default=None)
+    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--stain", default="none")
+    ap.add_argument("--hed", type=int, default=None, help="1/0: HED augmentation on/off (default: recipe's)")
+    ap.add_argument("--synth-train", type=int, default=20000)
+    ap.add_argument("--results", type=Path, default=Path("benchmarks/quality.jsonl"))
+    a = ap.parse_args()
+
+    t0 = time.perf_counter()
+    root = a.work / a.data
+    shift_store = None
+    if a.data == "real":
+        train_dir, val_dir = split_folder(REAL / "train", read_labels(REAL / "train_labels.csv"), root / "split")
+    else:
+        from pcamtool.synth import generate
+
+        if not (root / "train_labels.csv").exists():
+            generate(root, n_train=a.synth_train, n_test=max(2000, a.synth_train // 4), force=True, progress=False)
+        train_dir, val_dir = split_folder(root / "train", read_labels(root / "train_labels.csv"), root / "split")
+    tag = f"{a.tag}-{a.stain}"
+    tr = pack(train_dir, out=root / f"train-{a.stain}.h5", stain=a.stain, force=True, progress=False).path
+    ref = tr if a.stain != "none" else None
+    va = pack(val_dir, out=root / f"val-{a.stain}.h5", stain=a.stain, stain_reference=ref, force=True,
+              progress=False).path
+    if a.data == "synth":
+        shift_store = pack(root / "test", labels=root / "test_labels.csv", out=root / f"shift-{a.stain}.h5",
+                           stain=a.stain, stain_reference=ref, force=True, progress=False).path
+    cfg = TrainConfig(store=str(tr), val_store=str(va), out=str(root / "runs" / tag))
+    if a.arch:
+        cfg = replace(cfg, arch=a.arch)
+    if a.epochs:
+        cfg = replace(cfg, epochs=a.epochs)
+    if a.hed is not None:
+        cfg = replace(cfg, augment=replace(cfg.augment, hed=bool(a.hed)))
+    if Path(cfg.out).exists():
+        import shutil
+
+        shutil.rmtree(cfg.out)
+    t_train = time.perf_counter()
+    res = fit(cfg, progress=False)
+    train_s = time.perf_counter() - t_train
+    model = export_onnx(res.run_dir, force=True).path
+    row = {"data": a.data, "tag": a.tag, "arch": cfg.arch, "epochs": cfg.epochs, "stain": a.stain,
+           "hed": cfg.augment.hed, "train_images": len(open_store(tr)), "best_val_auc_in_training": res.best_auc,
+           "train_seconds": round(train_s, 1)}
+    for name, store in (("val", va), ("shift", shift_store)):
+        if store is None:
+            continue
+        labels = open_store(store).labels
+        for tta in (1, 2, 4, 8):
+            pred = predict(store, [model], tta=tta, provider="cpu", progress=False)
+            row[f"{name}_auc_tta{tta}"] = round(evaluate_arrays(pred.probs, labels).auc, 4)
+    row["total_seconds"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(row))
+    with open(a.results, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
