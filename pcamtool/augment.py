@@ -151,7 +151,7 @@ class AugmentConfig:
     contrast: float = 0.1
     saturation: float = 0.1
     hue: float = 0.02
-    hed: bool = True
+    hed: bool = False
     hed_sigma: float = 0.05
     hed_bias: float = 0.01
 

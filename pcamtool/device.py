@@ -9,10 +9,10 @@ loops contain no ``if cuda`` branches (the nanoGPT pattern): autocast becomes
   memory format, which together put the convolutions on the tensor cores.
   A GPU without bf16 (pre-Ampere) runs in fp32: fp16 autocast would need a
   gradient scaler the loop does not have.
-* CPU: fp32 and the default (contiguous NCHW) layout. Measured on the 2-core
-  AMD EPYC reference machine, oneDNN's channels-last kernels were not faster
-  for our small models, and CPU bf16 autocast is slower than fp32 without
-  AVX-512 BF16/AMX.
+* CPU: fp32 and the default (contiguous NCHW) layout. On the 2-core AMD
+  EPYC reference machine (AVX2), a channels-last training step of
+  ``pcamnet`` (width 32) ran at 68 images/s against 105 contiguous; a CPU without
+  native bf16 (AVX-512 BF16 or AMX) gains nothing from bf16 autocast.
 
 ``PCAMTOOL_AMP=0`` in the environment switches autocast off everywhere (for
 debugging numerics); it changes nothing else.
