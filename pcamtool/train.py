@@ -135,15 +135,17 @@ class _EMA:
 
 
 @torch.no_grad()
-def predict_loader(net: torch.nn.Module, loader: BatchLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities and labels over a loader (no augmentation)."""
+def predict_loader(net: torch.nn.Module, loader: BatchLoader, device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Probabilities, labels and store rows over a loader (no augmentation), on the device."""
     net.eval()
-    probs, ys = [], []
+    probs, ys, rows = [], [], []
     with autocast_context(device):
         for b in loader:
             probs.append(torch.sigmoid(net(b.x).float()))
             ys.append(b.y)
-    return torch.cat(probs).cpu().numpy(), torch.cat(ys).cpu().numpy()
+            rows.append(torch.from_numpy(b.index).to(device))
+    return torch.cat(probs), torch.cat(ys), torch.cat(rows)
 
 
 def evaluate_probs(p: np.ndarray, y: np.ndarray) -> dict[str, float]:
@@ -232,7 +234,7 @@ def fit(cfg: TrainConfig, resume: Optional[str | os.PathLike] = None, progress: 
         sched.load_state_dict(state["scheduler"])
         if ema is not None and "weights" in state:
             ema.shadow.load_state_dict(state["weights"])
-        gen.set_state(state["generator"].to(gen.device) if device.type != "cpu" else state["generator"])
+        gen.set_state(state["generator"])  # a CPU ByteTensor for CPU and CUDA generators alike
         torch.set_rng_state(state["torch_rng"])  # dropout draws from the global generator
         rows = list(state["metrics"])
         best_auc, best_epoch, start_epoch = state["best_auc"], state["best_epoch"], state["epoch"] + 1
@@ -285,10 +287,10 @@ def fit(cfg: TrainConfig, resume: Optional[str | os.PathLike] = None, progress: 
                 bar.set_postfix(loss=f"{total / seen:.4f}", refresh=False)
             bar.close()
             train_s = time.perf_counter() - t0
-            p, yv = predict_loader(eval_net, val_loader, device)
-            p = dist.all_gather(torch.from_numpy(p).to(device)).cpu().numpy()
-            yv = dist.all_gather(torch.from_numpy(yv).to(device)).cpu().numpy()
-            m = evaluate_probs(p[: len(va_idx)] if dist.enabled else p, yv[: len(va_idx)] if dist.enabled else yv)
+            p, yv, rows_v = (dist.all_gather(t).cpu().numpy() for t in predict_loader(eval_net, val_loader, device))
+            # ranks pad their shares to equal length: count every validation row once
+            _, first = np.unique(rows_v, return_index=True)
+            m = evaluate_probs(p[first], yv[first])
             row = {"epoch": epoch, "train_loss": total / max(seen, 1), **m,
                    "lr": opt.param_groups[0]["lr"], "img_per_s": seen * dist.world / train_s,
                    "seconds": time.perf_counter() - t0}
