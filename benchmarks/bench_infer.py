@@ -18,6 +18,7 @@ import torch
 from pcamtool import pack
 from pcamtool.checkpoint import save_checkpoint
 from pcamtool.export import ProbabilityModel, export_onnx
+from pcamtool.augment import _FH, _FW, _T, tta_batch_np, tta_transforms
 from pcamtool.infer import open_session, predict
 from pcamtool.models import create_model
 from pcamtool.preprocess import PcamNet
@@ -87,3 +88,54 @@ def test_end_to_end(benchmark, setup, tta, source):
     benchmark.extra_info["img_per_s"] = RESULTS[key]
     # what a 57,458-image Kaggle test set would take at this rate
     benchmark.extra_info["kaggle_test_minutes"] = 57458 / RESULTS[key] / 60
+
+
+class _InGraphTTA(torch.nn.Module):
+    """TTA x8 inside the graph: the 8 dihedral copies are made by ONNX ops, averaged in the graph."""
+
+    def __init__(self, prob: torch.nn.Module, n: int) -> None:
+        super().__init__()
+        self.prob, self.n = prob, n
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # torch.rot90 has no ONNX export: each k as transpose, then flips (augment's _T/_FH/_FW form)
+        copies = []
+        for k in tta_transforms(self.n):
+            x = images.transpose(1, 2) if _T[k] else images
+            dims = [d for d, on in ((1, _FH[k]), (2, _FW[k])) if on]
+            copies.append(torch.flip(x, dims) if dims else x)
+        return self.prob(torch.cat(copies)).reshape(self.n, images.shape[0]).mean(0)
+
+
+@pytest.fixture(scope="module")
+def in_graph_tta(setup):
+    import onnxruntime as ort
+
+    root, net, model, images, store = setup
+    path = root / "tta8.onnx"
+    with torch.no_grad():
+        torch.onnx.export(_InGraphTTA(ProbabilityModel(net).eval(), 8), (torch.from_numpy(images[:2]),),
+                          str(path), input_names=["images"], output_names=["probability"], opset_version=17,
+                          dynamo=False, dynamic_axes={"images": {0: "batch"}, "probability": {0: "batch"}})
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("where", ["batched_copies", "in_graph"])
+def test_tta8_where(benchmark, setup, in_graph_tta, where):
+    """TTA x8 on 256 decoded images: copies made by numpy and run as one batch vs made in the graph."""
+    root, net, model, images, store = setup
+    x = images[:256]
+    if where == "in_graph":
+        run = lambda: in_graph_tta.run(None, {"images": x})[0]  # noqa: E731
+    else:
+        sess = open_session(model, "cpu")
+        run = lambda: sess.run(None, {"images": tta_batch_np(x, 8)})[0].reshape(8, -1).mean(0)  # noqa: E731
+    got = benchmark.pedantic(run, rounds=3, warmup_rounds=1)
+    RESULTS[f"tta8_{where}"] = 256 / benchmark.stats.stats.median
+    benchmark.extra_info["img_per_s"] = RESULTS[f"tta8_{where}"]
+    RESULTS.setdefault("tta8_probs", got)
+    # both ways compute the same average
+    assert np.abs(np.asarray(RESULTS["tta8_probs"]) - got).max() < 1e-4
+    _ratio("tta8_in_graph", "tta8_batched_copies")

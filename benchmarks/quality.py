@@ -52,6 +52,23 @@ def split_folder(src: Path, labels: dict[str, int], out: Path, seed: int = 0) ->
     return out / "train", out / "val"
 
 
+def apply_overrides(cfg: TrainConfig, pairs: list[str]) -> TrainConfig:
+    """``cfg`` with ``key=json`` overrides; ``a.b=v`` sets field ``b`` of dataclass or dict field ``a``."""
+    d = cfg.to_dict()
+    for pair in pairs:
+        key, _, raw = pair.partition("=")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        *parents, leaf = key.split(".")
+        node = d
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return TrainConfig.from_dict(d)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", choices=["real", "synth"], default="real")
@@ -61,6 +78,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--stain", default="none")
     ap.add_argument("--hed", type=int, default=None, help="1/0: HED augmentation on/off (default: recipe's)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=JSON",
+                    help="override a TrainConfig field: epochs=30, augment.shift=true, model_kwargs.width=32")
     ap.add_argument("--synth-train", type=int, default=20000)
     ap.add_argument("--results", type=Path, default=Path("benchmarks/quality.jsonl"))
     a = ap.parse_args()
@@ -91,6 +110,7 @@ def main() -> None:
         cfg = replace(cfg, epochs=a.epochs)
     if a.hed is not None:
         cfg = replace(cfg, augment=replace(cfg.augment, hed=bool(a.hed)))
+    cfg = apply_overrides(cfg, a.overrides)
     if Path(cfg.out).exists():
         import shutil
 
@@ -99,7 +119,7 @@ def main() -> None:
     res = fit(cfg, progress=False)
     train_s = time.perf_counter() - t_train
     model = export_onnx(res.run_dir, force=True).path
-    row = {"data": a.data, "tag": a.tag, "arch": cfg.arch, "epochs": cfg.epochs, "stain": a.stain,
+    row = {"data": a.data, "tag": a.tag, "overrides": a.overrides, "arch": cfg.arch, "epochs": cfg.epochs, "stain": a.stain,
            "hed": cfg.augment.hed, "train_images": len(open_store(tr)), "best_val_auc_in_training": res.best_auc,
            "train_seconds": round(train_s, 1)}
     for name, store in (("val", va), ("shift", shift_store)):

@@ -59,8 +59,12 @@ class StainReference:
 
 
 def _pooled_pixels(images: np.ndarray) -> np.ndarray:
+    """Every POOL_STRIDE-th pixel, (M, 3) uint8: the kernels measure them as they measure a patch."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise PcamError(f"a stain reference needs uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
     flat = np.ascontiguousarray(images).reshape(-1, 3)
-    return np.ascontiguousarray(flat[::POOL_STRIDE]).astype(np.float64)
+    return np.ascontiguousarray(flat[::POOL_STRIDE])
 
 
 def fit_reference(images: np.ndarray, method: str) -> StainReference:
@@ -69,7 +73,7 @@ def fit_reference(images: np.ndarray, method: str) -> StainReference:
     Raises
     ------
     PcamError
-        Unknown method, or the images hold (almost) no tissue.
+        Unknown method, images not uint8 (N, H, W, 3), or they hold (almost) no tissue.
     """
     if method not in METHODS:
         raise PcamError(f"unknown stain method {method!r} (choose from {', '.join(METHODS)})")
@@ -83,7 +87,7 @@ def fit_reference(images: np.ndarray, method: str) -> StainReference:
         if not ok:
             raise PcamError("stain reference images contain no tissue (all near-white glass)")
         return StainReference("reinhard", {"mean": [float(v) for v in mean], "std": [float(v) for v in std]})
-    he, max_c, ok = K.macenko_estimate(K.optical_density(pixels))
+    he, max_c, ok = K.macenko_estimate(pixels)
     if not ok:
         raise PcamError("stain reference images contain no tissue (no stained pixels to estimate H&E from)")
     return StainReference("macenko", {"stain_matrix": he.T.tolist(), "max_concentrations": [float(v) for v in max_c]})

@@ -52,7 +52,7 @@ CENTRE = (32, 64)  # the labelled square: pixels 32..63 on both axes
 POS_FRACTION = 0.40
 PERIPH_FRACTION = 0.08   # negatives that hold tumour outside the centre
 BLANK_FRACTION = 0.007   # bare glass; near-empty tissue edges bring it to ~1 %
-LABEL_NOISE = 0.015      # train only
+LABEL_NOISE = 0.005      # train only: enough to be realistic, little enough not to cap AUC (1.5% capped it near 0.97)
 PATCHES_PER_SLIDE = 150
 TUMOUR_SLIDE_FRACTION = 0.6
 

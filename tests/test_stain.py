@@ -67,6 +67,80 @@ def test_blank_patches_pass_unchanged(patches, method):
     assert np.isfinite(out).all()
 
 
+@pytest.mark.parametrize("flavour", ["jit", "plain"])
+def test_fast_log_exp_within_stated_bounds(flavour):
+    """The float32 approximations the Reinhard and Macenko kernels use, against float64 numpy."""
+    log, exp = (K.fast_log, K.fast_exp) if flavour == "jit" else (plain(K.fast_log), plain(K.fast_exp))
+    step = 1 if flavour == "jit" else 50  # plain Python is slow
+    x = np.geomspace(2.0 ** -10, 2.0 ** 10, 200_001).astype(np.float32)[::step]
+    x = np.concatenate([x, np.arange(1, 256, dtype=np.float32) / np.float32(255)])  # LMS of grey pixels
+    got = np.array([log(v) for v in x], np.float64)
+    assert np.abs(got - np.log(x.astype(np.float64))).max() < 1e-6
+    y = np.linspace(-87.0, 88.0, 200_001).astype(np.float32)[::step]
+    got = np.array([exp(v) for v in y], np.float64)
+    assert np.abs(got / np.exp(y.astype(np.float64)) - 1.0).max() < 3e-7
+    # outside the clamp: finite, saturated
+    assert 0.0 < exp(np.float32(-1e4)) < 1e-37 and 1e38 < exp(np.float32(1e4)) < np.inf
+
+
+def test_pseudo_angle_orders_as_atan2_and_inverts():
+    rng = np.random.default_rng(1)
+    xy = rng.normal(size=(5000, 2))
+    xy[:8] = [[1, 0], [-1, 0], [0, 1], [0, -1], [-1, 1e-300], [-1, -1e-300], [1, -1e-300], [0, 0]]
+    p = np.array([K._pseudo_angle(x, y) for x, y in xy])
+    a = np.arctan2(xy[:, 1], xy[:, 0])
+    assert ((p >= -2) & (p <= 2)).all()
+    # sorted by pseudo-angle, the angles come out sorted (a pseudo-angle tie may swap angles
+    # that differ by less than float64 resolution of the pseudo-angle, ~1e-16)
+    assert np.abs(a[np.argsort(p)] - np.sort(a)).max() < 1e-15
+    assert np.abs(np.array([K._angle(v) for v in p]) - a).max() < 1e-14
+
+
+@pytest.mark.parametrize("case", ["normal", "ties", "filler", "narrow", "outside"])
+def test_percentile_pairs_match_np_percentile(case):
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=9216)
+    lo, hi = -4.0, 4.0
+    if case == "ties":
+        a = np.round(a, 1)
+    elif case == "narrow":  # all values in one bin
+        a = 0.5 + 1e-12 * a
+    elif case == "outside":  # bin range narrower than the values: still exact
+        lo, hi = -0.1, 0.2
+    sample = a.copy()
+    count = a.size
+    if case == "filler":  # inf marks pixels outside the sample
+        a[rng.random(a.size) < 0.4] = np.inf
+        sample = a[np.isfinite(a)]
+        count = sample.size
+    qs = np.array([0.01, 0.5, 0.99])
+    below, above, t = K._percentile_pairs(a, count, lo, hi, qs)
+    got = [K._lerp(b, c, g) for b, c, g in zip(below, above, t)]
+    assert np.array_equal(got, np.percentile(sample, 100 * qs))
+
+
+def test_estimators_match_numpy_formulas(patches):
+    """Reference statistics from the kernels' estimators vs the same formulas in float64 numpy."""
+    pixels = patches.reshape(-1, 3)[::7].copy()
+    mean, std, ok = K.lab_stats(pixels)
+    rgb = pixels.astype(np.float64)
+    lab = np.log10(np.maximum(rgb @ K.RGB2LMS.T, K.LMS_FLOOR)) @ K.LMS2LAB.T
+    lab = lab[rgb.mean(1) <= K.TISSUE_MAX_MEAN]
+    assert ok
+    assert np.abs(mean - lab.mean(0)).max() < 1e-6 and np.abs(std / lab.std(0) - 1).max() < 1e-4
+    he, max_c, ok = K.macenko_estimate(pixels)
+    od = -np.log((rgb + 1.0) / 256.0)
+    conc = np.linalg.lstsq(he, od.T, rcond=None)[0].T
+    assert ok
+    assert np.allclose(max_c, np.percentile(conc, 99, axis=0), rtol=1e-12)
+    assert np.allclose((he ** 2).sum(0), 1.0) and he[0, 0] > he[0, 1]
+
+
+def test_fit_reference_needs_uint8(patches):
+    with pytest.raises(PcamError, match="uint8"):
+        fit_reference(patches.astype(np.float64), "reinhard")
+
+
 def _stain_distance(a: StainReference, b: StainReference) -> float:
     return sum(float(np.abs(np.asarray(a.params[k]) - np.asarray(b.params[k])).sum()) for k in a.params)
 

@@ -8,15 +8,26 @@ compare the jitted and the plain-Python result of the same source.
 from __future__ import annotations
 
 import os
-from typing import Callable, TypeVar
+from typing import Callable, Optional, TypeVar, Union
 
 F = TypeVar("F", bound=Callable)
 
 ENABLED: bool = os.environ.get("PCAMTOOL_NUMBA", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def jit(fn: F) -> F:
-    """Compile ``fn`` with numba (nopython, GIL released, cached on disk) when enabled."""
+def jit(fn: Optional[F] = None, *, fastmath: Union[bool, frozenset, set] = False,
+        error_model: str = "python") -> F:
+    """Compile ``fn`` with numba (nopython, GIL released, cached on disk) when enabled.
+
+    Used bare (``@jit``) or with options for a kernel that documents why it needs them:
+    LLVM fast-math flags (``fastmath={"contract"}``), which apply to the instructions
+    of that function only, also where it is inlined into another; and
+    ``error_model="numpy"``, which drops the division-by-zero check (and its
+    exception branch, which keeps LLVM from vectorizing a loop) of a function whose
+    divisions are guarded.
+    """
+    if fn is None:
+        return lambda f: jit(f, fastmath=fastmath, error_model=error_model)  # type: ignore[return-value]
     if not ENABLED:
         fn.py_func = fn  # type: ignore[attr-defined]
         return fn
@@ -24,7 +35,8 @@ def jit(fn: F) -> F:
 
     # nogil: kernels run in worker threads beside file reads.
     # cache: a fresh process does not pay compile time again.
-    return numba.njit(nogil=True, cache=True, fastmath=False)(fn)  # type: ignore[return-value]
+    compiled = numba.njit(nogil=True, cache=True, fastmath=fastmath, error_model=error_model)(fn)
+    return compiled  # type: ignore[return-value]
 
 
 def plain(kernel: Callable) -> Callable:
