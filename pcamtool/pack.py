@@ -31,6 +31,11 @@ log = logging.getLogger("pcamtool")
 
 BatchTransform = Callable[[np.ndarray], np.ndarray]
 
+# Images decoded per batch. Batches are written straight on (into whatever
+# chunks they cover), so they need not match the chunks; small ones keep the
+# recycled batch arrays in cache between the decode and the write.
+DECODE_BATCH = 128
+
 
 @dataclass(frozen=True)
 class PackResult:
@@ -179,9 +184,9 @@ def pack(src: str | os.PathLike, labels: Optional[str | os.PathLike] = None,
         with StoreWriter(tmp, len(paths), chunk, compression) as writer, \
                 progress_bar(total=len(paths), desc=f"pack {src.name}", enabled=progress) as bar:
             # Without a transform the statistics are final once decoded, so
-            # the workers compute them in parallel (the kernel releases the GIL).
-            post = _batch_stats if transform is None else None
-            for batch in iter_batches(paths, writer.chunk, workers or default_workers(), post=post):
+            # the workers compute them as they decode (the kernel releases the GIL).
+            for batch in iter_batches(paths, min(writer.chunk, DECODE_BATCH), workers or default_workers(),
+                                      stats=transform is None, reuse=True):
                 keep = np.array([e is None for e in batch.errors])
                 bad = [e for e in batch.errors if e is not None]
                 if bad and not skip_bad:
@@ -190,10 +195,11 @@ def pack(src: str | os.PathLike, labels: Optional[str | os.PathLike] = None,
                 images = batch.images if keep.all() else batch.images[keep]
                 if transform is not None:
                     images = transform(images)
+                    images = np.ascontiguousarray(images)  # the kernel reads rows of bytes
                     channel_sums(images, np.ones(len(images), np.bool_), sums, sqsums)
                 else:
-                    sums += batch.extra[0]
-                    sqsums += batch.extra[1]
+                    sums += batch.sums
+                    sqsums += batch.sqsums
                 writer.write(images)
                 sel = np.flatnonzero(keep) + batch.start
                 kept_ids.extend(stems[i] for i in sel)
@@ -271,10 +277,3 @@ def _stain_setup(method: str, reference_store: Optional[str | os.PathLike], path
     log.info("stain normalization: %s toward a reference from %d patches of %s", method, len(sample), where)
     return (lambda images: normalize(images, ref, workers=workers)), ref.to_dict()
 
-
-def _batch_stats(batch) -> None:
-    """Channel sums of a batch's readable images, left in ``batch.extra`` (runs in a worker)."""
-    keep = np.array([e is None for e in batch.errors], np.bool_)
-    s, q = np.zeros(3, np.uint64), np.zeros(3, np.uint64)
-    channel_sums(batch.images, keep, s, q)
-    batch.extra = (s, q)

@@ -99,6 +99,16 @@ class StoreWriter:
         assert offsets is not None  # early allocation places every chunk
         self._offsets = offsets
         self._fd = os.open(self.path, os.O_WRONLY)
+        if len(offsets):
+            # Reserve the chunks' blocks in one call: page-cache writes into
+            # allocated (unwritten) extents skip the per-page delayed-allocation
+            # bookkeeping, ~30% of the write's cost on ext4. Only a speed-up:
+            # a filesystem that refuses is written the usual way.
+            start = int(offsets.min())
+            try:
+                os.posix_fallocate(self._fd, start, int(offsets.max()) + self.chunk * ROW_BYTES - start)
+            except OSError:
+                pass
         return ds
 
     def write(self, images: np.ndarray) -> None:

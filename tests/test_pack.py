@@ -94,6 +94,20 @@ def test_stats_kernel_jitted_equals_plain_and_numpy():
         assert np.array_equal(q, (ref * ref).sum(0))
 
 
+@pytest.mark.parametrize("shape", [(4, 5, 7, 3), (2, 96, 95, 3), (3, 1, 16, 3)])
+def test_stats_kernel_any_patch_size(shape):
+    """Byte counts that are not a multiple of the kernel's 48 lanes take its tail loop."""
+    rng = np.random.default_rng(2)
+    imgs = rng.integers(0, 256, shape, dtype=np.uint8)
+    keep = np.ones(len(imgs), np.bool_)
+    ref = imgs.reshape(-1, 3).astype(np.uint64)
+    for fn in (channel_sums, plain(channel_sums)):
+        s, q = np.zeros(3, np.uint64), np.zeros(3, np.uint64)
+        fn(imgs, keep, s, q)
+        assert np.array_equal(s, ref.sum(0))
+        assert np.array_equal(q, (ref * ref).sum(0))
+
+
 def test_existing_store_needs_force(kaggle):
     root, *_ = kaggle
     pack(root / "train", progress=False)
@@ -129,6 +143,27 @@ def test_skip_bad_lists_skipped(kaggle):
     assert np.array_equal(store.gather(np.arange(len(store))), images[keep])
     assert np.array_equal(store.labels, y[keep])
     assert bad.name in json.loads(store.attrs["skipped"])[0][0]
+
+
+
+@pytest.mark.parametrize("chunk,batch", [(5, 3), (3, 5), (4, 4)])
+def test_decode_batches_across_chunks(kaggle, monkeypatch, chunk, batch):
+    """Decoding batches need not line up with the chunks, with a file skipped or not."""
+    root, ids, images, y = kaggle
+    # pcamtool.pack the module, which the package's pack function shadows as an attribute
+    monkeypatch.setattr(sys.modules["pcamtool.pack"], "DECODE_BATCH", batch)
+    order = np.argsort(ids)
+    res = pack(root / "train", progress=False, chunk=chunk)
+    store = open_store(res.path)
+    assert np.array_equal(store.gather(np.arange(len(store))), images[order])
+    x = images.astype(np.float64) / 255
+    assert np.allclose(store.mean, x.reshape(-1, 3).mean(0), rtol=0, atol=1e-12)
+    _corrupt(root, ids)
+    res = pack(root / "train", progress=False, chunk=chunk, skip_bad=True, force=True)
+    store = open_store(res.path)
+    keep = [i for i in order if ids[i] != ids[3]]
+    assert np.array_equal(store.gather(np.arange(len(store))), images[keep])
+    assert np.array_equal(store.labels, y[keep])
 
 
 @pytest.mark.parametrize("case,error,pattern", [

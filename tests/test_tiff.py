@@ -117,3 +117,31 @@ def test_iter_batches_in_order_with_errors(tmp_path):
     ok = [i for i in range(23) if i != 7]
     assert np.array_equal(got[ok], imgs[ok])
     assert [i for i, e in enumerate(errs) if e is not None] == [7]
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_iter_batches_stats_and_reuse(tmp_path, reuse):
+    """``stats`` sums exactly the readable images (fast path and tifffile fallback alike);
+    ``reuse`` recycles arrays without mixing up batches."""
+    imgs = random_patches(23, seed=11)
+    paths = []
+    for i, img in enumerate(imgs):
+        p = tmp_path / f"{i:03d}.tif"
+        kw = dict(compression="zlib") if i % 4 == 1 else {}  # some go through tifffile
+        tifffile.imwrite(p, img, photometric="rgb", **kw)
+        paths.append(str(p))
+    (tmp_path / "007.tif").write_bytes(b"broken")
+    got, errs = [], []
+    sums, sqsums = np.zeros(3, np.uint64), np.zeros(3, np.uint64)
+    for b in iter_batches(paths, batch_size=4, workers=2, stats=True, reuse=reuse):
+        got.append(b.images.copy())  # with reuse the array is only ours until the next batch
+        errs.extend(b.errors)
+        sums += b.sums
+        sqsums += b.sqsums
+    got = np.concatenate(got)
+    ok = [i for i in range(23) if i != 7]
+    assert np.array_equal(got[ok], imgs[ok])
+    assert [i for i, e in enumerate(errs) if e is not None] == [7]
+    ref = imgs[ok].reshape(-1, 3).astype(np.uint64)
+    assert np.array_equal(sums, ref.sum(0))
+    assert np.array_equal(sqsums, (ref * ref).sum(0))

@@ -1,7 +1,7 @@
 """Exact per-channel pixel sums of uint8 image batches.
 
 Integers make the statistics exact whatever the order in which chunks
-arrive: a uint32 accumulator per image cannot overflow (96*96*255^2 < 2^32),
+arrive: uint32 accumulators per image cannot overflow (96*96*255^2 < 2^32),
 and the per-image totals are added into uint64.
 """
 from __future__ import annotations
@@ -11,39 +11,47 @@ import numpy as np
 from .jit import jit
 
 
+LANES = 48  # bytes per step: 16 RGB pixels, so lane k always holds channel k % 3
+
+
 @jit
 def channel_sums(images, keep, sums, sqsums):
     """Add the per-channel sum and sum of squares of ``images[i]`` where ``keep[i]``.
 
-    ``images`` is (N, H, W, 3) uint8; ``sums`` and ``sqsums`` are (3,) uint64,
-    updated in place.
+    ``images`` is C-contiguous (N, H, W, 3) uint8; ``sums`` and ``sqsums`` are
+    (3,) uint64, updated in place.
     """
     n, h, w, c = images.shape
-    assert c == 3  # three scalar accumulators per statistic, below
+    assert c == 3
+    flat = images.reshape(n, h * w * c)
+    size = h * w * c
+    body = size - size % LANES
+    # Per-lane uint32 accumulators (a lane sees at most size/48 bytes, so
+    # they cannot overflow for any patch size pack meets). Lanes of whole
+    # 48-byte rows, not three scalars per pixel: the stride-3 channel
+    # interleave made LLVM shuffle every vector, ~9 GB/s; rows of 48 add
+    # straight down, ~12 GB/s.
+    acc = np.zeros(LANES, np.uint32)
+    sq = np.zeros(LANES, np.uint32)
     for i in range(n):
         if not keep[i]:
             continue
-        # Scalars, not small arrays: a store into s[k] every byte kept LLVM
-        # from vectorizing, ~1 GB/s; scalars run at ~6 GB/s.
-        s0 = s1 = s2 = np.uint32(0)
-        q0 = q1 = q2 = np.uint32(0)
-        for y in range(h):
-            for x in range(w):
-                a = np.uint32(images[i, y, x, 0])
-                b = np.uint32(images[i, y, x, 1])
-                d = np.uint32(images[i, y, x, 2])
-                s0 += a
-                s1 += b
-                s2 += d
-                q0 += a * a
-                q1 += b * b
-                q2 += d * d
-        sums[0] += np.uint64(s0)
-        sums[1] += np.uint64(s1)
-        sums[2] += np.uint64(s2)
-        sqsums[0] += np.uint64(q0)
-        sqsums[1] += np.uint64(q1)
-        sqsums[2] += np.uint64(q2)
+        acc[:] = 0
+        sq[:] = 0
+        x = flat[i]
+        for j in range(0, body, LANES):
+            row = x[j:j + LANES]
+            for k in range(LANES):
+                v = np.uint32(row[k])
+                acc[k] += v
+                sq[k] += v * v
+        for k in range(LANES):
+            sums[k % 3] += np.uint64(acc[k])
+            sqsums[k % 3] += np.uint64(sq[k])
+        for j in range(body, size):  # images whose byte count is not a multiple of 48
+            v = np.uint64(x[j])
+            sums[j % 3] += v
+            sqsums[j % 3] += v * v
 
 
 @jit
