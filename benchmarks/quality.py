@@ -119,7 +119,8 @@ def main() -> None:
     res = fit(cfg, progress=False)
     train_s = time.perf_counter() - t_train
     model = export_onnx(res.run_dir, force=True).path
-    row = {"data": a.data, "tag": a.tag, "overrides": a.overrides, "arch": cfg.arch, "epochs": cfg.epochs, "stain": a.stain,
+    row = {"data": a.data, "tag": a.tag, "overrides": a.overrides, "arch": cfg.arch,
+           "epochs": json.loads((res.run_dir / "config.json").read_text())["epochs"], "stain": a.stain,
            "hed": cfg.augment.hed, "train_images": len(open_store(tr)), "best_val_auc_in_training": res.best_auc,
            "train_seconds": round(train_s, 1)}
     for name, store in (("val", va), ("shift", shift_store)):

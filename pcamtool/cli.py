@@ -129,10 +129,10 @@ def _model_args(ctx: click.Context, param: click.Parameter, values: tuple[str, .
 @click.argument("store", required=False, type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), default=None,
               help="Run folder (default: runs/<UTC time>-<arch>).")
-@click.option("--arch", default=None, help="Model: pcamnet (default) or simple (the popular notebook CNN).")
+@click.option("--arch", default=None, help="Model: pcamnet (default), simple (the popular notebook CNN) or plain4 (a plain 4-block CNN).")
 @click.option("--model-arg", "model_kwargs", multiple=True, callback=_model_args, metavar="KEY=VALUE",
               help="Model keyword argument, e.g. width=48 (repeatable).")
-@click.option("--epochs", type=click.IntRange(1), default=None, help="Epochs (default 12).")
+@click.option("--epochs", type=click.IntRange(1), default=None, help="Epochs (default: auto, 60,000 images' worth, between 10 and 24).")
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="Batch size (default 128).")
 @click.option("--lr", type=float, default=None, help="Peak learning rate.")
 @click.option("--weight-decay", type=float, default=None, help="Decoupled weight decay.")

@@ -14,6 +14,8 @@ Models
 ``simple``
     The three-block CNN of the popular Kaggle notebooks, for parity with what
     users run today.
+``plain4``
+    A plain 4-block CNN, the reference baseline our defaults are measured against.
 
 Example::
 
@@ -191,6 +193,41 @@ class SimpleCNN(nn.Module):
         return self.head(self.features(x)).squeeze(1)
 
 
+class PlainCNN(nn.Module):
+    """A plain VGG-style CNN (``plain4``): conv-BN-ReLU then 2x2 max-pooling per block, global pool.
+
+    The reference the brief measures defaults against ("a plain 4-block
+    CNN"): 32 -> 64 -> 128 -> 256 channels at 96, 48, 24 and 12 pixels
+    (134M multiply-adds), no residuals and no centre-aware pooling, so our
+    quality runs can put it on the same split as ``pcamnet``.
+
+    Parameters
+    ----------
+    width
+        Channels of the first block (doubled per block).
+    blocks
+        Number of conv + pool blocks.
+    dropout
+        Dropout before the final linear layer.
+    """
+
+    def __init__(self, width: int = 32, blocks: int = 4, dropout: float = 0.3) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = 3
+        for i in range(blocks):
+            cout = width * 2 ** i
+            layers += [_conv_bn(cin, cout), nn.MaxPool2d(2)]
+            cin = cout
+        self.features = nn.Sequential(*layers)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(cin, 1)
+        _init(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.dropout(self.features(x).mean((-2, -1)))).squeeze(1)
+
+
 def _init(model: nn.Module) -> None:
     """He init for convolutions; the last BN of each residual branch at 0 (block starts as identity)."""
     for m in model.modules():
@@ -216,6 +253,7 @@ class _Entry:
 _REGISTRY: dict[str, _Entry] = {
     "pcamnet": _Entry(PcamResNet, "compact residual CNN with centre-aware pooling (default)"),
     "simple": _Entry(SimpleCNN, "three-block Kaggle-notebook CNN (32-64-128, dense 256)"),
+    "plain4": _Entry(PlainCNN, "plain 4-block CNN (32-64-128-256, global pool): the reference baseline"),
 }
 
 
@@ -288,6 +326,9 @@ def _validate(name: str, kw: dict[str, Any]) -> None:
     if "full_res_stem" in kw and (not isinstance(kw["full_res_stem"], int) or isinstance(kw["full_res_stem"], bool)
                                   or kw["full_res_stem"] < 0):
         fail(f"full_res_stem must be a non-negative integer (channels), got {kw['full_res_stem']!r}")
+    if "blocks" in kw and (not isinstance(kw["blocks"], int) or isinstance(kw["blocks"], bool)
+                           or not 1 <= kw["blocks"] <= 6):
+        fail(f"blocks must be an integer from 1 to 6, got {kw['blocks']!r}")
     for key in ("width", "hidden"):
         if key in kw and (not isinstance(kw[key], int) or isinstance(kw[key], bool) or kw[key] < 1):
             fail(f"{key} must be a positive integer, got {kw[key]!r}")

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .augment import augment_batch
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, auto_epochs
 from .data import BatchLoader, RowSource, cpu_threads, resolve_cache
 from .device import autocast_context, resolve_device, use_channels_last
 from .errors import PcamError, TrainingError
@@ -200,6 +200,8 @@ def fit(cfg: TrainConfig, resume: Optional[str | os.PathLike] = None, progress: 
     torch.manual_seed(cfg.seed)
 
     store, val_store, tr_idx, va_idx = _open_data(cfg)
+    if cfg.epochs is None:  # resolved once; config.json records the number, so --resume keeps it
+        cfg = replace(cfg, epochs=auto_epochs(len(tr_idx)))
     if resume is None:
         run_dir = Path(cfg.out) if cfg.out else new_run_dir(cfg.arch)
         if dist.main:

@@ -11,12 +11,12 @@ from pcamtool.errors import ModelError, PcamError
 from pcamtool.models import DEFAULT_MODEL, CentrePool, create_model, list_models, model_args
 
 # small variants keep the file fast on 2 cores; the defaults are checked once below
-SMALL = {"pcamnet": {"width": 8}, "simple": {"width": 8, "hidden": 16}}
+SMALL = {"pcamnet": {"width": 8}, "simple": {"width": 8, "hidden": 16}, "plain4": {"width": 8}}
 
 
 def test_registry_lists_every_model_with_a_description():
     models = list_models()
-    assert DEFAULT_MODEL == "pcamnet" and set(models) == {"pcamnet", "simple"}
+    assert DEFAULT_MODEL == "pcamnet" and set(models) == {"pcamnet", "simple", "plain4"}
     assert all(isinstance(v, str) and v for v in models.values())
 
 
@@ -44,7 +44,7 @@ def test_default_arguments_build_and_backprop(name):
 
 
 def test_unknown_model_lists_the_known_ones():
-    with pytest.raises(ModelError, match=r"unknown model 'resnet9000' \(known: pcamnet, simple\)"):
+    with pytest.raises(ModelError, match=r"unknown model 'resnet9000' \(known: pcamnet, plain4, simple\)"):
         create_model("resnet9000")
     assert issubclass(ModelError, PcamError)
 
@@ -58,6 +58,17 @@ def test_bad_arguments_are_model_errors():
         create_model("simple", dropout=1.5)
     with pytest.raises(ModelError, match="depths"):
         create_model("pcamnet", depths=[1, 0])
+    with pytest.raises(ModelError, match="blocks must be an integer from 1 to 6"):
+        create_model("plain4", blocks=7)
+    with pytest.raises(ModelError, match="full_res_stem must be a non-negative integer"):
+        create_model("pcamnet", full_res_stem=-1)
+
+
+def test_full_res_stem_adds_a_full_resolution_layer():
+    net = create_model("pcamnet", width=8, full_res_stem=4)
+    first = net.stem[0][0]
+    assert first.stride == (1, 1) and first.out_channels == 4
+    assert net(torch.randn(2, 3, 96, 96)).shape == (2,)
 
 
 @pytest.mark.parametrize("name", sorted(list_models()))

@@ -153,3 +153,30 @@ def test_ddp_two_processes_gloo(store, tmp_path):
     rows = read_metrics(tmp_path / "ddp")
     assert len(rows) == 1 and float(rows[0]["val_auc"]) >= 0
     assert (tmp_path / "ddp" / "best.pt").is_file()
+
+
+def test_auto_epochs_give_small_sets_more_passes():
+    from pcamtool.config import AUTO_MAX_EPOCHS, AUTO_MIN_EPOCHS, auto_epochs
+
+    assert auto_epochs(2_499) == 24                       # the real sample's 80% split
+    assert auto_epochs(176_020) == AUTO_MIN_EPOCHS         # the full Kaggle training split
+    assert auto_epochs(10) == AUTO_MAX_EPOCHS
+    assert [auto_epochs(n) for n in (2_000, 3_000, 5_000, 8_000)] == sorted(
+        [auto_epochs(n) for n in (2_000, 3_000, 5_000, 8_000)], reverse=True)
+    with pytest.raises(PcamError):
+        auto_epochs(0)
+
+
+def test_default_epochs_are_resolved_and_recorded(store, tmp_path, monkeypatch):
+    import pcamtool.train as T
+
+    seen = []
+    monkeypatch.setattr(T, "auto_epochs", lambda n: seen.append(n) or 1)
+    res = fit(tiny(store, tmp_path / "auto", epochs=None), progress=False)
+    assert seen and seen[0] == res_rows(res)
+    cfg = json.loads((res.run_dir / "config.json").read_text())
+    assert cfg["epochs"] == 1 and res.epochs_run == 1
+
+
+def res_rows(res) -> int:
+    return json.loads((res.run_dir / "config.json").read_text())["resolved"]["train_rows"]
