@@ -40,7 +40,7 @@ def test_augment_throughput(benchmark, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("arch", ["pcamnet", "simple"])
+@pytest.mark.parametrize("arch", ["pcamnet", "plain4", "simple"])
 def test_train_step(benchmark, device, arch):
     dev = torch.device(device)
     net = PcamNet(create_model(arch), [0.7, 0.55, 0.7], [0.24, 0.28, 0.22]).to(dev)
