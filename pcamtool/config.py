@@ -41,7 +41,7 @@ class TrainConfig:
 
     store: str = "data/train.h5"
     out: Optional[str] = None             # run folder; default runs/<time>-<arch>
-    arch: str = "pcamnet"
+    arch: str = "plain4"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     epochs: Optional[int] = None          # None: auto_epochs(training rows)
     batch_size: int = 128

@@ -16,7 +16,7 @@ SMALL = {"pcamnet": {"width": 8}, "simple": {"width": 8, "hidden": 16}, "plain4"
 
 def test_registry_lists_every_model_with_a_description():
     models = list_models()
-    assert DEFAULT_MODEL == "pcamnet" and set(models) == {"pcamnet", "simple", "plain4"}
+    assert DEFAULT_MODEL == "plain4" and set(models) == {"pcamnet", "simple", "plain4"}
     assert all(isinstance(v, str) and v for v in models.values())
 
 
