@@ -17,7 +17,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -130,21 +130,16 @@ class Batch:
     start: int
     images: np.ndarray                      # (n, 96, 96, 3) uint8
     errors: list[Optional[BadImageError]]   # one per image
-    extra: object = None                    # what a ``post`` hook left
     sums: Optional[np.ndarray] = None       # with ``stats``: channel sums of the readable images
     sqsums: Optional[np.ndarray] = None     # ... and sums of squares, (3,) uint64 each
 
 
 def iter_batches(paths: Sequence[str], batch_size: int = 512, workers: int = 2,
-                 prefetch: int = 2, post: Optional[Callable[[Batch], None]] = None,
-                 stats: bool = False, reuse: bool = False) -> Iterator[Batch]:
+                 prefetch: int = 2, stats: bool = False, reuse: bool = False) -> Iterator[Batch]:
     """Decode ``paths`` in batches on ``workers`` threads, yielding batches in order.
 
     At most ``workers * prefetch`` batches are in flight, so memory stays
-    bounded however many files there are. ``post(batch)``, when given, runs
-    in the worker thread on each decoded batch (per-batch work with a
-    GIL-free kernel then runs in parallel instead of on the consumer's thread).
-    ``stats=True`` fills ``batch.sums``/``batch.sqsums`` with the exact channel
+    bounded however many files there are. ``stats=True`` fills ``batch.sums``/``batch.sqsums`` with the exact channel
     sums of the batch's readable images, computed as the files are decoded.
 
     ``reuse=True`` recycles the image arrays: a batch's ``images`` are only
@@ -168,10 +163,7 @@ def iter_batches(paths: Sequence[str], batch_size: int = 512, workers: int = 2,
             images = np.empty((len(chunk), *SHAPE), np.uint8)
         s = np.zeros(3, np.uint64) if stats else None
         q = np.zeros(3, np.uint64) if stats else None
-        batch = Batch(start, images, read_into(chunk, images, local.buf, s, q), sums=s, sqsums=q)
-        if post is not None:
-            post(batch)
-        return batch
+        return Batch(start, images, read_into(chunk, images, local.buf, s, q), sums=s, sqsums=q)
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pcam-read") as pool:
         pending: list[Future] = []
