@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 from .augment import AugmentConfig
 from .errors import PcamError
+from .models import DEFAULT_MODEL
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "onecycle")
@@ -41,7 +42,7 @@ class TrainConfig:
 
     store: str = "data/train.h5"
     out: Optional[str] = None             # run folder; default runs/<time>-<arch>
-    arch: str = "plain4"
+    arch: str = DEFAULT_MODEL
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     epochs: Optional[int] = None          # None: auto_epochs(training rows)
     batch_size: int = 128

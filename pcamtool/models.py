@@ -19,7 +19,6 @@ Models
     The three-block CNN of the popular Kaggle notebooks, for parity with what
     users run today.
 
-
 Example::
 
     net = create_model("pcamnet", width=32)

@@ -35,8 +35,7 @@ def jit(fn: Optional[F] = None, *, fastmath: Union[bool, frozenset, set] = False
 
     # nogil: kernels run in worker threads beside file reads.
     # cache: a fresh process does not pay compile time again.
-    compiled = numba.njit(nogil=True, cache=True, fastmath=fastmath, error_model=error_model)(fn)
-    return compiled  # type: ignore[return-value]
+    return numba.njit(nogil=True, cache=True, fastmath=fastmath, error_model=error_model)(fn)  # type: ignore[return-value]
 
 
 def plain(kernel: Callable) -> Callable:
