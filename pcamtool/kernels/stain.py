@@ -122,6 +122,12 @@ def fast_exp(x):
     return np.int32(np.float32(e).view(np.int32) + (n << 23)).view(np.float32)
 
 
+@jit
+def _to_u8(v):
+    """A float32 channel value rounded and clipped to uint8 (the numpy formulas' rint + clip)."""
+    return np.uint8(min(_MAX32, max(_ZERO32, np.rint(v))))
+
+
 # ---- Reinhard ----
 
 @jit(fastmath={"contract"})
@@ -206,7 +212,7 @@ def _reinhard_map(lab, a, b, out):
         ls = fast_exp(a20 * x0 + a21 * x1 + a22 * x2 + b2)
         for c in range(3):
             v = _LMS2RGB32[c, 0] * ll + _LMS2RGB32[c, 1] * lm + _LMS2RGB32[c, 2] * ls
-            flat[3 * i + c] = np.uint8(min(_MAX32, max(_ZERO32, np.rint(v))))
+            flat[3 * i + c] = _to_u8(v)
 
 
 @jit
@@ -501,9 +507,9 @@ def _macenko_map(od, t, out):
         v0 = _I256 * fast_exp(t00 * o0 + t01 * o1 + t02 * o2) - _ONE32
         v1 = _I256 * fast_exp(t10 * o0 + t11 * o1 + t12 * o2) - _ONE32
         v2 = _I256 * fast_exp(t20 * o0 + t21 * o1 + t22 * o2) - _ONE32
-        flat[3 * i] = np.uint8(min(_MAX32, max(_ZERO32, np.rint(v0))))
-        flat[3 * i + 1] = np.uint8(min(_MAX32, max(_ZERO32, np.rint(v1))))
-        flat[3 * i + 2] = np.uint8(min(_MAX32, max(_ZERO32, np.rint(v2))))
+        flat[3 * i] = _to_u8(v0)
+        flat[3 * i + 1] = _to_u8(v1)
+        flat[3 * i + 2] = _to_u8(v2)
 
 
 @jit
