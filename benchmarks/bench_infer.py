@@ -16,9 +16,9 @@ import tifffile
 import torch
 
 from pcamtool import pack
+from pcamtool.augment import _FH, _FW, _T, tta_batch_np, tta_transforms
 from pcamtool.checkpoint import save_checkpoint
 from pcamtool.export import ProbabilityModel, export_onnx
-from pcamtool.augment import _FH, _FW, _T, tta_batch_np, tta_transforms
 from pcamtool.infer import open_session, predict
 from pcamtool.models import create_model
 from pcamtool.preprocess import PcamNet

@@ -138,18 +138,15 @@ def main() -> None:
 
     t0 = time.perf_counter()
     root = a.work / a.data
-    shift_store = None
     if a.data == "real":
         train_dir, val_dir = split_folder(REAL / "train", read_labels(REAL / "train_labels.csv"), root / "split")
+        shifted_dir = restain_folder(val_dir, root / "split" / "val_labels.csv", root / "split" / "restained")
     else:
         from pcamtool.synth import generate
 
         if not (root / "train_labels.csv").exists():
             generate(root, n_train=a.synth_train, n_test=max(2000, a.synth_train // 4), force=True, progress=False)
         train_dir, val_dir = split_folder(root / "train", read_labels(root / "train_labels.csv"), root / "split")
-    if a.data == "real":
-        shifted_dir = restain_folder(val_dir, root / "split" / "val_labels.csv", root / "split" / "restained")
-    else:
         shifted_dir = root / "test"
     tag = f"{a.tag}-{a.stain}" + ("-hed" if a.hed else "")
     tr = pack(train_dir, out=root / f"train-{a.stain}.h5", stain=a.stain, force=True, progress=False).path
@@ -180,8 +177,6 @@ def main() -> None:
            "hed": cfg.augment.hed, "train_images": len(open_store(tr)), "best_val_auc_in_training": res.best_auc,
            "train_seconds": round(train_s, 1)}
     for name, store in (("val", va), ("shift", shift_store)):
-        if store is None:
-            continue
         labels = open_store(store).labels
         for tta in (1, 2, 4, 8):
             pred = predict(store, [model], tta=tta, provider="cpu", progress=False)
