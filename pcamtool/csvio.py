@@ -37,6 +37,10 @@ def read_id_table(path: str | os.PathLike, value: str = "label", kind: str = "la
         raise LabelsError(f"{path}: {kind} file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise LabelsError(f"{path}: cannot read {kind} file ({exc})") from None
+    if not as_float:
+        table = _plain_labels(text, value)
+        if table is not None:
+            return table  # type: ignore[return-value]
     rows = csv.reader(io.StringIO(text))
     header = next(rows, None)
     if header is None:
@@ -67,6 +71,30 @@ def read_id_table(path: str | os.PathLike, value: str = "label", kind: str = "la
             raise LabelsError(f"{path}: line {line}: duplicate id {key}")
         table[key] = val if as_float else int(val)
     return table
+
+
+def _plain_labels(text: str, value: str) -> dict[str, int] | None:
+    """The table of a plain ``id,<value>`` file of 0/1 labels, or None for any other text.
+
+    Kaggle's train_labels.csv (220,025 rows) takes ~1 us a row through the
+    csv module and the checks below; this takes ~0.2 us, which matters beside
+    a pack at ~10 us a file. Anything unusual (quotes, spaces, other headers,
+    values, duplicates, ragged rows) returns None, and the strict reader
+    parses it and names the offending line: both agree on every file this accepts.
+    """
+    if '"' in text or " " in text or "\t" in text or "\r" in text:
+        return None
+    head, _, body = text.partition("\n")
+    if head.lower() != f"id,{value}":
+        return None
+    pairs = [line.split(",") for line in body.split("\n") if line]
+    try:
+        table = dict(pairs)  # ValueError unless every row has exactly two fields
+    except ValueError:
+        return None
+    if len(table) != len(pairs) or "" in table or not set(table.values()) <= {"0", "1"}:
+        return None
+    return {k: int(v == "1") for k, v in table.items()}
 
 
 def read_labels(path: str | os.PathLike) -> dict[str, int]:

@@ -98,7 +98,7 @@ class StoreWriter:
         offsets = _chunk_offsets(ds)
         assert offsets is not None  # early allocation places every chunk
         self._offsets = offsets
-        self._fd = os.open(self.path, os.O_WRONLY)
+        self._fd = os.open(self.path, os.O_RDWR)  # read too: keep_rows moves rows
         if len(offsets):
             # Reserve the chunks' blocks in one call: page-cache writes into
             # allocated (unwritten) extents skip the per-page delayed-allocation
@@ -113,21 +113,63 @@ class StoreWriter:
 
     def write(self, images: np.ndarray) -> None:
         """Append ``images`` (the next rows, in order)."""
-        start, stop = self._written, self._written + len(images)
+        self.write_at(self._written, images)
+        self._written += len(images)
+
+    def write_at(self, row: int, images: np.ndarray) -> None:
+        """Write ``images`` as rows ``row, row + 1, ...``; several threads may call it at once.
+
+        Rows written this way are not counted: the caller ends with :meth:`keep_rows`.
+        """
+        stop = row + len(images)
         if stop > self.n:
-            raise StoreError(f"{self.path}: {stop} rows written into a store of {self.n}")
+            raise StoreError(f"{self.path}: rows up to {stop} written into a store of {self.n}")
         if self._fd is not None:
-            data = np.ascontiguousarray(images).reshape(len(images), ROW_BYTES)
-            row = start
-            while row < stop:  # one pwrite per chunk touched
-                c, r = divmod(row, self.chunk)
-                take = min(self.chunk - r, stop - row)
-                os.pwrite(self._fd, data[row - start:row - start + take],
-                          int(self._offsets[c]) + r * ROW_BYTES)
-                row += take
+            self._rows_io(row, np.ascontiguousarray(images).reshape(len(images), ROW_BYTES), write=True)
         else:
-            self.images[start:stop] = images
-        self._written = stop
+            self.images[row:stop] = images
+
+    def keep_rows(self, keep: np.ndarray) -> None:
+        """After :meth:`write_at` filled every row: keep the rows where ``keep``, in order.
+
+        The rows of skipped files are closed up by moving the later rows
+        forward (a pass over the rest of the file, only when something was
+        skipped); the kept rows then count as written.
+        """
+        keep = np.asarray(keep, bool)
+        if len(keep) != self.n:
+            raise StoreError(f"{self.path}: {len(keep)} keep flags for a store of {self.n}")
+        count = int(keep.sum())
+        first_gap = int(np.argmin(keep)) if count < self.n else self.n
+        if count < self.n and self._fd is None:
+            raise StoreError(f"{self.path}: only uncompressed stores close gaps in place")
+        dst = first_gap
+        for a in range(first_gap, self.n, self.chunk):
+            b = min(a + self.chunk, self.n)
+            rows = np.flatnonzero(keep[a:b])
+            if not len(rows):
+                continue
+            block = np.empty((b - a, ROW_BYTES), np.uint8)
+            self._rows_io(a, block, write=False)
+            # dst + len(rows) <= b: the rows written never reach a block not yet read
+            self._rows_io(dst, block[rows], write=True)
+            dst += len(rows)
+        self._written = count
+
+    def _rows_io(self, row: int, data: np.ndarray, write: bool) -> None:
+        """Write (or read into) ``data`` ((k, ROW_BYTES) uint8) at rows ``row...``, one call per chunk touched."""
+        stop, done = row + len(data), 0
+        while row < stop:
+            c, r = divmod(row, self.chunk)
+            take = min(self.chunk - r, stop - row)
+            where = int(self._offsets[c]) + r * ROW_BYTES
+            part = data[done:done + take]
+            if write:
+                os.pwrite(self._fd, part, where)
+            elif os.preadv(self._fd, [part], where) != part.nbytes:
+                raise StoreError(f"{self.path}: short read at row {row}")
+            row += take
+            done += take
 
     def finish(self, ids: Sequence[str], labels: np.ndarray, attrs: dict[str, Any]) -> None:
         """Write ids, labels and root attributes; rows written must equal ``n``."""

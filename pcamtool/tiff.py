@@ -1,9 +1,12 @@
 """Read 96x96 RGB uint8 patches from TIFF files, fast.
 
-The common uncompressed strip layout is decoded by a numba kernel straight
-from the file bytes (one ``preadv`` per file into a reused buffer); every
-other TIFF (compressed, tiled, big-endian, PIL-written, ...) goes through
-``tifffile``. Both give the same pixels as ``tifffile.imread``.
+The common uncompressed strip layout is read and decoded by a numba kernel
+that opens and reads the files itself (libc calls, without the GIL, so the
+worker threads read side by side), straight into the destination rows once
+the folder's layout is known; every other TIFF (compressed, tiled, ...) goes
+through ``tifffile``. Both give the same pixels as ``tifffile.imread``.
+Where kernels cannot call C (``PCAMTOOL_NUMBA=0``, not POSIX) a Python loop
+reads the files for the same decoding kernel.
 
 Example::
 
@@ -17,12 +20,12 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
 from .errors import BadImageError, LabelsError
-from .kernels.decode import OK, PATCH, decode_batch
+from .kernels.decode import IO_ERROR, NATIVE_IO, OK, PATCH, decode_batch, read_decode
 from .kernels.stats import channel_sums
 
 SHAPE = (PATCH, PATCH, 3)
@@ -73,7 +76,46 @@ def read_into(paths: Sequence[str], out: np.ndarray, buf: Optional[np.ndarray] =
     Damaged files do not stop the batch: the caller decides whether an error
     is fatal (``pack``) or skipped (``--skip-bad``). With ``sums`` and
     ``sqsums`` ((3,) uint64), the exact channel sums of every readable image
-    are added to them (see :func:`channel_sums`).
+    are added to them (see :func:`channel_sums`). ``buf`` is scratch space
+    ((k, SLOT_BYTES) uint8) a caller may reuse across calls.
+    """
+    n = len(paths)
+    status = np.empty(n, np.int8)
+    errors: list[Optional[BadImageError]] = [None] * n
+    if NATIVE_IO and n:
+        if buf is None:
+            buf = np.empty((1, SLOT_BYTES), np.uint8)
+        stats = sums is not None
+        names = np.frombuffer(b"\0".join(map(os.fsencode, paths)) + b"\0", np.uint8)
+        read_decode(names, _OPEN_FLAGS, buf[0], out, status, stats,
+                    sums if stats else np.zeros(3, np.uint64), sqsums if stats else np.zeros(3, np.uint64))
+        for i in np.flatnonzero(status == IO_ERROR):
+            # The kernel knows only that a syscall failed: the Python read
+            # of that one file names the error (or succeeds on a retry).
+            errors[i] = _read_python(paths[i:i + 1], out[i:i + 1], buf, status[i:i + 1], sums, sqsums)[0]
+    else:
+        errors = _read_python(paths, out, buf, status, sums, sqsums)
+    for i in np.flatnonzero(status != OK):
+        if errors[i] is None:
+            try:
+                out[i] = _fallback(paths[i])
+            except BadImageError as exc:
+                errors[i] = exc
+                continue
+            if sums is not None:
+                channel_sums(out[i:i + 1], np.ones(1, np.bool_), sums, sqsums)
+    return errors
+
+
+# Python's os.open sets O_CLOEXEC too: a subprocess started meanwhile inherits no fds.
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+
+
+def _read_python(paths: Sequence[str], out: np.ndarray, buf: Optional[np.ndarray], status: np.ndarray,
+                 sums: Optional[np.ndarray], sqsums: Optional[np.ndarray]) -> list[Optional[BadImageError]]:
+    """The reader where kernels cannot call C (numba off, not POSIX), and for I/O errors.
+
+    Sets ``status`` per file like :func:`read_decode`; returns the I/O errors.
     """
     n = len(paths)
     # Files go through a few slots that stay in L2 between the read and the
@@ -85,7 +127,6 @@ def read_into(paths: Sequence[str], out: np.ndarray, buf: Optional[np.ndarray] =
     # One single-slot iovec list per slot, built once: not a new list per file.
     iovs = [[buf[i]] for i in range(slots)]
     lengths = np.empty(slots, np.int64)
-    status = np.empty(n, np.int8)
     errors: list[Optional[BadImageError]] = [None] * n
     for a in range(0, n, slots):
         m = min(slots, n - a)
@@ -111,15 +152,6 @@ def read_into(paths: Sequence[str], out: np.ndarray, buf: Optional[np.ndarray] =
             # Now, while the group's pixels are still in L2: over the whole
             # batch afterwards they come back from memory.
             channel_sums(out[a:a + m], status[a:a + m] == OK, sums, sqsums)
-    for i in np.flatnonzero(status != OK):
-        if errors[i] is None:
-            try:
-                out[i] = _fallback(paths[i])
-            except BadImageError as exc:
-                errors[i] = exc
-                continue
-            if sums is not None:
-                channel_sums(out[i:i + 1], np.ones(1, np.bool_), sums, sqsums)
     return errors
 
 
@@ -135,7 +167,8 @@ class Batch:
 
 
 def iter_batches(paths: Sequence[str], batch_size: int = 512, workers: int = 2,
-                 prefetch: int = 2, stats: bool = False, reuse: bool = False) -> Iterator[Batch]:
+                 prefetch: int = 2, stats: bool = False, reuse: bool = False,
+                 sink: Optional[Callable[[int, np.ndarray], None]] = None) -> Iterator[Batch]:
     """Decode ``paths`` in batches on ``workers`` threads, yielding batches in order.
 
     At most ``workers * prefetch`` batches are in flight, so memory stays
@@ -146,6 +179,11 @@ def iter_batches(paths: Sequence[str], batch_size: int = 512, workers: int = 2,
     valid until the next batch is asked for (copy what must outlive it).
     Fresh arrays cost a page fault per 4 KiB on first touch, ~1 us per image,
     as much as decoding it.
+
+    ``sink(start, images)`` is called on the worker thread with every decoded
+    batch (rows of unreadable files included, whatever they hold), before it
+    is yielded: ``pack`` writes the rows to the store there, while they are
+    still in that core's cache, instead of handing them to the main thread.
     """
     workers = max(1, int(workers))
     starts = range(0, len(paths), batch_size)
@@ -163,7 +201,10 @@ def iter_batches(paths: Sequence[str], batch_size: int = 512, workers: int = 2,
             images = np.empty((len(chunk), *SHAPE), np.uint8)
         s = np.zeros(3, np.uint64) if stats else None
         q = np.zeros(3, np.uint64) if stats else None
-        return Batch(start, images, read_into(chunk, images, local.buf, s, q), sums=s, sqsums=q)
+        errors = read_into(chunk, images, local.buf, s, q)
+        if sink is not None:
+            sink(start, images)
+        return Batch(start, images, errors, sums=s, sqsums=q)
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pcam-read") as pool:
         pending: list[Future] = []

@@ -21,7 +21,7 @@ from pcamtool.errors import BadImageError, ExistsError, LabelsError, PcamError
 from pcamtool.kernels import plain
 from pcamtool.kernels.stats import channel_sums
 
-from helpers import write_kaggle
+from helpers import random_patches, write_kaggle
 
 
 def test_pack_round_trip(kaggle):
@@ -288,3 +288,43 @@ def test_real_sample_packs_pixel_exact(real_dir, tmp_path):
     rng = np.random.default_rng(0)
     for i in rng.integers(0, len(store), 200):
         assert np.array_equal(store.gather([i])[0], tifffile.imread(real_dir / "train" / f"{store.ids[i]}.tif"))
+
+
+def test_labels_fast_path_agrees_with_strict_reader(tmp_path, monkeypatch):
+    """Plain Kaggle CSVs take the fast parser; anything unusual goes to the strict one."""
+    import pcamtool.csvio as C
+
+    text = "id,label\n" + "".join(f"{i:040x},{i % 2}\n" for i in range(50))
+    path = tmp_path / "labels.csv"
+    path.write_text(text)
+    fast = C._plain_labels(text, "label")
+    assert fast is not None and len(fast) == 50
+    for odd in (text.replace("\n", "\r\n"), text + "a,1,2\n", text + "b, 1\n", text + '"c",1\n',
+                text + "d,1.0\n", text + f"{0:040x},1\n", "name,label\n" + text.split("\n", 1)[1],
+                text + ",1\n"):
+        assert C._plain_labels(odd, "label") is None, odd[-12:]
+    monkeypatch.setattr(C, "_plain_labels", lambda *a: None)
+    assert C.read_labels(path) == fast
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, 64])
+def test_writer_keep_rows_closes_gaps(tmp_path, chunk):
+    """Rows written in place from several threads, then the skipped ones closed up."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pcamtool.store import StoreWriter
+
+    n = 23
+    images = random_patches(n, seed=8)
+    keep = np.ones(n, bool)
+    keep[[0, 5, 6, 7, 13, 22]] = False  # the first, a run across a chunk edge, the last
+    path = tmp_path / "s.h5"
+    with StoreWriter(path, n, chunk) as w:
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(lambda a: w.write_at(a, images[a:a + 5]), range(0, n, 5)))
+        w.keep_rows(keep)
+        w.images.resize(int(keep.sum()), axis=0)
+        w.n = int(keep.sum())
+        w.finish([f"{i:02d}" for i in np.flatnonzero(keep)], np.zeros(w.n, np.int8), {})
+    with h5py.File(path) as f:
+        assert np.array_equal(f["images"][:], images[keep])

@@ -10,10 +10,22 @@ from __future__ import annotations
 
 import numpy as np
 
-from .jit import jit
+from .jit import jit, libc
+from .stats import channel_sums
 
 OK = 0
 FALLBACK = 1  # not the simple layout (or damaged): let tifffile decide
+IO_ERROR = 2  # open or read failed: the caller retries in Python, which names the error
+
+# The file syscalls, called from inside the reading kernel. From Python each
+# open/read/close holds the GIL between syscalls, so two reading threads ran
+# no faster than one; inside a nogil kernel they run side by side (2.4x the
+# one-thread Python loop here). None where kernels cannot call C (see libc).
+_open = libc("open", "int32", "intp", "int32")
+_pread = libc("pread", "intp", "int32", "intp", "intp", "intp")
+_preadv = libc("preadv", "intp", "int32", "intp", "int32", "intp")
+_close = libc("close", "int32", "int32")
+NATIVE_IO = None not in (_open, _pread, _preadv, _close)
 
 PATCH = 96
 CHANNELS = 3
@@ -56,30 +68,36 @@ def _value(b, n, little, typ, count, field, index):
     return _u32(b, off, little)
 
 
-@jit
-def decode_tiff(b, n, out):
-    """Copy the pixels of one simple 96x96x3 uint8 TIFF held in ``b[:n]`` into ``out``.
+NO_LAYOUT = (False, -1, 0, -1, -1, 0, 0)
 
-    Returns ``OK`` or ``FALLBACK``; ``out`` is only meaningful on ``OK``.
+
+@jit
+def _layout(b, n):
+    """Parse the one IFD of a simple 96x96x3 uint8 TIFF whose first ``n`` bytes are in ``b``.
+
+    Returns ``(little, strips_field, strips_type, strips_count, counts_field,
+    counts_type, rows_per_strip)``, or ``NO_LAYOUT`` (strips_count -1) for
+    anything else. Reads nothing at or past ``n``; the strips themselves are
+    not checked.
     """
     if n < 8:
-        return FALLBACK
+        return NO_LAYOUT
     if b[0] == 0x49 and b[1] == 0x49:
         little = True
     elif b[0] == 0x4D and b[1] == 0x4D:
         little = False
     else:
-        return FALLBACK
+        return NO_LAYOUT
     if _u16(b, 2, little) != 42:  # 43 is BigTIFF: tifffile handles it
-        return FALLBACK
+        return NO_LAYOUT
     ifd = _u32(b, 4, little)
     if ifd + 2 > n:
-        return FALLBACK
+        return NO_LAYOUT
     entries = _u16(b, ifd, little)
     if ifd + 2 + entries * 12 + 4 > n:
-        return FALLBACK
+        return NO_LAYOUT
     if _u32(b, ifd + 2 + entries * 12, little) != 0:
-        return FALLBACK  # several pages: tifffile reads them as a stack
+        return NO_LAYOUT  # several pages: tifffile reads them as a stack
     width = height = spp = -1
     compression = photometric = planar = sampleformat = 1
     rows_per_strip = PATCH
@@ -120,12 +138,25 @@ def decode_tiff(b, n, out):
         elif tag == 339:
             sampleformat = _value(b, n, little, typ, count, field, 0)
         elif tag == 317 or tag == 338 or (tag >= 322 and tag <= 325):
-            return FALLBACK  # predictor, extra samples (alpha) or tiles
+            return NO_LAYOUT  # predictor, extra samples (alpha) or tiles
     if (width != PATCH or height != PATCH or spp != CHANNELS or not bits_ok
             or compression != 1 or photometric != 2 or planar != 1 or sampleformat != 1
             or strips_field < 0 or counts_field < 0 or strips_count != counts_count
             or rows_per_strip <= 0):
+        return NO_LAYOUT
+    return (little, strips_field, strips_type, strips_count, counts_field, counts_type, rows_per_strip)
+
+
+@jit
+def decode_tiff(b, n, out):
+    """Copy the pixels of one simple 96x96x3 uint8 TIFF held in ``b[:n]`` into ``out``.
+
+    Returns ``OK`` or ``FALLBACK``; ``out`` is only meaningful on ``OK``.
+    """
+    little, strips_field, strips_type, strips_count, counts_field, counts_type, rows_per_strip = _layout(b, n)
+    if strips_count < 0:
         return FALLBACK
+    counts_count = strips_count
     flat = out.reshape(PATCH_BYTES)
     row_bytes = PATCH * CHANNELS
     done = 0
@@ -150,6 +181,32 @@ def decode_tiff(b, n, out):
     return OK
 
 
+
+
+@jit
+def pixel_offset(b, n):
+    """Where the pixels of the simple TIFF whose first ``n`` bytes are in ``b`` start, if in one run.
+
+    That is, its strips lie back to back with exactly the 96x96x3 bytes; -1
+    otherwise. The pixel bytes themselves need not be in ``b`` (the reader
+    checks a header read apart from the pixels with it).
+    """
+    little, strips_field, strips_type, strips_count, counts_field, counts_type, rows_per_strip = _layout(b, n)
+    if strips_count < 1:
+        return -1
+    row_bytes = PATCH * CHANNELS
+    first = _value(b, n, little, strips_type, strips_count, strips_field, 0)
+    done = 0
+    for s in range(strips_count):
+        start = _value(b, n, little, strips_type, strips_count, strips_field, s)
+        size = _value(b, n, little, counts_type, strips_count, counts_field, s)
+        want = min(rows_per_strip, PATCH - done // row_bytes) * row_bytes
+        if start < 0 or start != first + done or size != want:
+            return -1
+        done += want
+    return first if done == PATCH_BYTES else -1
+
+
 @jit
 def decode_batch(buf, lengths, out, status):
     """Decode ``buf[i, :lengths[i]]`` into ``out[i]`` for every i; status per file."""
@@ -158,3 +215,57 @@ def decode_batch(buf, lengths, out, status):
             status[i] = FALLBACK
         else:
             status[i] = decode_tiff(buf[i], lengths[i], out[i])
+
+
+@jit
+def read_decode(names, flags, slot, out, status, stats, sums, sqsums):
+    """Open, read and decode the files named in ``names``, one per row of ``out``.
+
+    ``names`` holds the encoded paths back to back, each ending in a NUL byte.
+    With ``stats``, the channel sums of every decoded image are added to
+    ``sums``/``sqsums``. ``status[i]`` is OK, FALLBACK or IO_ERROR. Only
+    callable where ``NATIVE_IO``.
+
+    The files of a folder share one layout (Kaggle's: a 287-byte header, then
+    the pixels, then the end of the file). Once a file has shown it, the next
+    ones are read with one ``preadv`` that puts the header in ``slot`` and the
+    pixels straight into ``out[i]``, where the check of the header says they
+    belong: no copy of the pixels in user space. A file that does not fit is
+    read again whole into ``slot`` and decoded from there (or left to tifffile).
+    """
+    base = names.ctypes.data
+    slot_ptr = slot.ctypes.data
+    cap = slot.shape[0]
+    flat = out.reshape(out.shape[0], PATCH_BYTES)
+    iov = np.empty(6, np.int64)  # struct iovec[3]: (base, length) pairs
+    keep = np.ones(1, np.bool_)
+    head = 0  # the pixel offset of the last file read whole, if header-then-pixels
+    pos = 0
+    for i in range(out.shape[0]):
+        fd = _open(base + pos, flags)
+        while names[pos] != 0:
+            pos += 1
+        pos += 1
+        if fd < 0:
+            status[i] = IO_ERROR
+            continue
+        status[i] = FALLBACK
+        if head > 0:
+            # header | pixels | anything after them (which must be nothing)
+            iov[0], iov[1] = slot_ptr, head
+            iov[2], iov[3] = flat[i].ctypes.data, PATCH_BYTES
+            iov[4], iov[5] = slot_ptr + head, cap - head
+            got = _preadv(fd, iov.ctypes.data, 3, 0)
+            if got == head + PATCH_BYTES and pixel_offset(slot, head) == head:
+                status[i] = OK
+        if status[i] != OK:
+            got = _pread(fd, slot_ptr, cap, 0)
+            if got < 0:
+                status[i] = IO_ERROR
+            elif got < cap:
+                status[i] = decode_tiff(slot, got, out[i])
+                start = pixel_offset(slot, got) if status[i] == OK else -1
+                head = start if start > 0 and start + PATCH_BYTES == got and start + PATCH_BYTES <= cap else 0
+        _close(fd)
+        if stats and status[i] == OK:
+            channel_sums(out[i:i + 1], keep, sums, sqsums)

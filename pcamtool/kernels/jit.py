@@ -8,7 +8,7 @@ compare the jitted and the plain-Python result of the same source.
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional, TypeVar, Union
+from typing import Any, Callable, Optional, TypeVar, Union
 
 F = TypeVar("F", bound=Callable)
 
@@ -41,3 +41,20 @@ def jit(fn: Optional[F] = None, *, fastmath: Union[bool, frozenset, set] = False
 def plain(kernel: Callable) -> Callable:
     """The plain-Python version of a kernel (itself when the switch is off)."""
     return getattr(kernel, "py_func", kernel)
+
+
+def libc(name: str, restype: str, *argtypes: str) -> Optional[Any]:
+    """A C library function that kernels may call, or None where they cannot.
+
+    Linked by symbol name (``numba.types.ExternalFunction``), not through a
+    ctypes pointer, so kernels calling it still cache on disk. Types are numba
+    type names; pointers travel as ``intp`` (same calling convention on the
+    64-bit POSIX platforms numba supports). None with the switch off (plain
+    Python cannot call it) and off POSIX: callers keep a Python path for both.
+    """
+    if not ENABLED or os.name != "posix":
+        return None
+    from numba import types
+
+    sig = getattr(types, restype)(*(getattr(types, a) for a in argtypes))
+    return types.ExternalFunction(name, sig)
