@@ -7,6 +7,7 @@ channel statistics with a numba kernel on the way.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -190,30 +191,34 @@ def pack(src: str | os.PathLike, labels: Optional[str | os.PathLike] = None,
             # up at the end. With a transform the main thread writes.
             in_place = transform is None and compression == "none"
             kept: list[np.ndarray] = []
-            for batch in iter_batches(paths, min(writer.chunk, DECODE_BATCH), workers or default_workers(),
-                                      stats=transform is None, reuse=True,
-                                      sink=writer.write_at if in_place else None):
-                keep = np.array([e is None for e in batch.errors])
-                bad = [e for e in batch.errors if e is not None]
-                if bad and not skip_bad:
-                    raise bad[0]
-                skipped.extend((e.path, e.problem) for e in bad)
-                if transform is not None:
-                    images = transform(batch.images if keep.all() else batch.images[keep])
-                    images = np.ascontiguousarray(images)  # the kernel reads rows of bytes
-                    channel_sums(images, np.ones(len(images), np.bool_), sums, sqsums)
-                    writer.write(images)
-                else:
-                    sums += batch.sums
-                    sqsums += batch.sqsums
-                    if in_place:
-                        kept.append(keep)
+            batches = iter_batches(paths, min(writer.chunk, DECODE_BATCH), workers or default_workers(),
+                                   stats=transform is None, reuse=True,
+                                   sink=writer.write_at if in_place else None)
+            # closing(): on an error the generator is shut first, which waits
+            # for the workers' writes, and only then the writer's file.
+            with contextlib.closing(batches):
+                for batch in batches:
+                    keep = np.array([e is None for e in batch.errors])
+                    bad = [e for e in batch.errors if e is not None]
+                    if bad and not skip_bad:
+                        raise bad[0]
+                    skipped.extend((e.path, e.problem) for e in bad)
+                    if transform is not None:
+                        images = transform(batch.images if keep.all() else batch.images[keep])
+                        images = np.ascontiguousarray(images)  # the kernel reads rows of bytes
+                        channel_sums(images, np.ones(len(images), np.bool_), sums, sqsums)
+                        writer.write(images)
                     else:
-                        writer.write(batch.images if keep.all() else batch.images[keep])
-                sel = np.flatnonzero(keep) + batch.start
-                kept_ids.extend(stems[i] for i in sel)
-                kept_labels.append(y[sel])
-                bar.update(len(batch.images))
+                        sums += batch.sums
+                        sqsums += batch.sqsums
+                        if in_place:
+                            kept.append(keep)
+                        else:
+                            writer.write(batch.images if keep.all() else batch.images[keep])
+                    sel = np.flatnonzero(keep) + batch.start
+                    kept_ids.extend(stems[i] for i in sel)
+                    kept_labels.append(y[sel])
+                    bar.update(len(batch.images))
             count = len(kept_ids)
             if in_place:
                 writer.keep_rows(np.concatenate(kept))

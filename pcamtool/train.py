@@ -29,7 +29,7 @@ from .augment import augment_batch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig, auto_epochs
 from .data import BatchLoader, RowSource, cpu_threads, resolve_cache
-from .device import autocast_context, resolve_device, use_channels_last
+from .device import Precision, autocast_context, resolve_device, use_channels_last
 from .errors import PcamError, TrainingError
 from .models import create_model
 from .preprocess import PcamNet, to_float01
@@ -251,11 +251,13 @@ def fit(cfg: TrainConfig, resume: Optional[str | os.PathLike] = None, progress: 
 
     if dist.main:
         (run_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "resolved": {
-            "device": str(device), "cache": cache, "world_size": dist.world,
+            "device": str(device), "precision": Precision.for_device(device).name,
+            "cache": cache, "world_size": dist.world,
             "train_rows": int(len(tr_idx)), "val_rows": int(len(va_idx)),
             "store_path": str(Path(cfg.store).resolve())}}, indent=2))
-        log.info("training %s on %s (%s cache): %d train / %d val images, %d epochs, run %s",
-                 cfg.arch, device, cache, len(tr_idx), len(va_idx), cfg.epochs, run_dir)
+        log.info("training %s on %s (%s, %s cache): %d train / %d val images, %d epochs, run %s",
+                 cfg.arch, device, Precision.for_device(device).name, cache, len(tr_idx), len(va_idx),
+                 cfg.epochs, run_dir)
 
     bad_patience = 0
     epoch = start_epoch - 1

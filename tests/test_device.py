@@ -34,13 +34,37 @@ def test_cuda_without_a_gpu_is_a_clear_error():
             resolve_device(name)
 
 
-def test_cpu_precision_is_fp32_without_autocast():
-    p = Precision.for_device("cpu")
-    assert p.name == "fp32" and p.autocast_dtype is None and not p.channels_last
-    assert isinstance(autocast_context(torch.device("cpu")), nullcontext)
-    assert use_channels_last(torch.device("cpu")) is False
-    with autocast_context("cpu"):
-        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+@pytest.mark.parametrize("native", [False, True])
+def test_cpu_precision_follows_native_bf16(monkeypatch, native):
+    """fp32 on a CPU without native bf16; bf16 autocast with it, unless PCAMTOOL_AMP=0."""
+    monkeypatch.setattr(device_mod, "cpu_has_native_bf16", lambda: native)
+    device_mod._precision.cache_clear()
+    try:
+        p = Precision.for_device("cpu")
+        assert not p.channels_last and use_channels_last(torch.device("cpu")) is False
+        with autocast_context("cpu"):
+            got = (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
+        if native:
+            assert p.name == "bf16" and p.autocast_dtype == torch.bfloat16 and got == torch.bfloat16
+        else:
+            assert p.name == "fp32" and p.autocast_dtype is None and got == torch.float32
+            assert isinstance(autocast_context(torch.device("cpu")), nullcontext)
+        device_mod._precision.cache_clear()
+        monkeypatch.setenv("PCAMTOOL_AMP", "0")
+        assert Precision.for_device("cpu").autocast_dtype is None
+    finally:
+        device_mod._precision.cache_clear()
+
+
+def test_native_bf16_probe_matches_cpu_flags():
+    """The probe agrees with what the kernel reports (Linux), so the decision is the hardware's."""
+    from pathlib import Path
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo to compare with (not Linux)")
+    flags = set(cpuinfo.read_text().split())
+    assert device_mod.cpu_has_native_bf16() == bool({"avx512_bf16", "amx_tile"} & flags)
 
 
 def test_cuda_precision_decision(monkeypatch):

@@ -64,7 +64,8 @@ def test_fit_writes_run_folder_and_is_deterministic(store, tmp_path):
         for k in ("train_loss", "val_loss", "val_auc", "val_acc", "lr"):
             assert ra[k] == rb[k], k
     cfg = json.loads((a.run_dir / "config.json").read_text())
-    assert cfg["arch"] == "simple" and cfg["resolved"]["device"] == "cpu"
+    assert cfg["arch"] == "simple" and cfg["resolved"]["device"] == "cpu" \
+        and cfg["resolved"]["precision"] in ("fp32", "bf16")
     assert (a.run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
