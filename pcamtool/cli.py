@@ -132,7 +132,7 @@ def _model_args(ctx: click.Context, param: click.Parameter, values: tuple[str, .
 @click.option("--arch", default=None, help="Model: plain4 (default, a plain 4-block CNN), pcamnet (compact residual CNN, 3.6x faster) or simple (the popular notebook CNN).")
 @click.option("--model-arg", "model_kwargs", multiple=True, callback=_model_args, metavar="KEY=VALUE",
               help="Model keyword argument, e.g. width=48 (repeatable).")
-@click.option("--epochs", type=click.IntRange(1), default=None, help="Epochs (default: auto, 60,000 images' worth, between 10 and 24).")
+@click.option("--epochs", type=click.IntRange(1), default=None, help="Epochs (default: auto, 100,000 images' worth, between 10 and 40).")
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="Batch size (default 128).")
 @click.option("--lr", type=float, default=None, help="Peak learning rate.")
 @click.option("--weight-decay", type=float, default=None, help="Decoupled weight decay.")

@@ -159,7 +159,7 @@ def test_ddp_two_processes_gloo(store, tmp_path):
 def test_auto_epochs_give_small_sets_more_passes():
     from pcamtool.config import AUTO_MAX_EPOCHS, AUTO_MIN_EPOCHS, auto_epochs
 
-    assert auto_epochs(2_499) == 24                       # the real sample's 80% split
+    assert auto_epochs(2_499) == 40                       # the real sample's 80% split
     assert auto_epochs(176_020) == AUTO_MIN_EPOCHS         # the full Kaggle training split
     assert auto_epochs(10) == AUTO_MAX_EPOCHS
     assert [auto_epochs(n) for n in (2_000, 3_000, 5_000, 8_000)] == sorted(
