@@ -188,7 +188,8 @@ def pack(src: str | os.PathLike, labels: Optional[str | os.PathLike] = None,
             # workers compute their statistics and write them to the store
             # themselves, in place, while they are in cache (the kernels and
             # the writes release the GIL); rows of skipped files are closed
-            # up at the end. With a transform the main thread writes.
+            # up at the end. With a transform, or into a compressed store
+            # (written through h5py's filters), the main thread writes.
             in_place = transform is None and compression == "none"
             kept: list[np.ndarray] = []
             batches = iter_batches(paths, min(writer.chunk, DECODE_BATCH), workers or default_workers(),
