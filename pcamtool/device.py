@@ -12,7 +12,7 @@ loops contain no ``if cuda`` branches (the nanoGPT pattern): autocast becomes
 * CPU: bf16 autocast where the CPU computes bf16 natively (AVX-512 BF16 or
   AMX, which oneDNN's convolutions use), else fp32; the default (contiguous
   NCHW) layout either way. On the 2-core AMD EPYC reference machine (it has
-  AVX-512 BF16) a ``plain4`` training step ran 1.6x faster in bf16; a
+  AVX-512 BF16) a ``plain4`` training step ran 1.6-2.1x faster in bf16; a
   channels-last step of ``pcamnet`` ran at 68 images/s against 105
   contiguous. A CPU without native bf16 would only emulate it: fp32 there.
 
