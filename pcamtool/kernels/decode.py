@@ -156,13 +156,12 @@ def decode_tiff(b, n, out):
     little, strips_field, strips_type, strips_count, counts_field, counts_type, rows_per_strip = _layout(b, n)
     if strips_count < 0:
         return FALLBACK
-    counts_count = strips_count
     flat = out.reshape(PATCH_BYTES)
     row_bytes = PATCH * CHANNELS
     done = 0
     for s in range(strips_count):
         start = _value(b, n, little, strips_type, strips_count, strips_field, s)
-        size = _value(b, n, little, counts_type, counts_count, counts_field, s)
+        size = _value(b, n, little, counts_type, strips_count, counts_field, s)
         rows = min(rows_per_strip, PATCH - done // row_bytes)
         want = rows * row_bytes
         if start < 0 or size < want or start + want > n or done + want > PATCH_BYTES:
@@ -179,8 +178,6 @@ def decode_tiff(b, n, out):
     if done != PATCH_BYTES:
         return FALLBACK
     return OK
-
-
 
 
 @jit
@@ -265,7 +262,7 @@ def read_decode(names, flags, slot, out, status, stats, sums, sqsums):
             elif got < cap:
                 status[i] = decode_tiff(slot, got, out[i])
                 start = pixel_offset(slot, got) if status[i] == OK else -1
-                head = start if start > 0 and start + PATCH_BYTES == got and start + PATCH_BYTES <= cap else 0
+                head = start if start > 0 and start + PATCH_BYTES == got else 0
         _close(fd)
         if stats and status[i] == OK:
             channel_sums(out[i:i + 1], keep, sums, sqsums)
