@@ -17,11 +17,11 @@ import torch
 
 from pcamtool import pack
 from pcamtool.augment import _FH, _FW, _T, dihedral_np, tta_transforms
-from pcamtool.checkpoint import save_checkpoint
+from pcamtool.train.checkpoint import save_checkpoint
 from pcamtool.export import ProbabilityModel, export_onnx
 from pcamtool.infer import open_session, predict
 from pcamtool.models import DEFAULT_MODEL, create_model
-from pcamtool.preprocess import PcamNet
+from pcamtool.contract import PcamNet
 
 N = 1024
 RESULTS: dict[str, float] = {}

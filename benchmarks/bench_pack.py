@@ -32,7 +32,7 @@ from PIL import Image
 
 from pcamtool.kernels.stats import channel_sums
 from pcamtool.pack import pack
-from pcamtool.store import open_store
+from pcamtool.io.store import open_store
 
 ROUNDS = 5
 SLOT = 32768  # larger than a Kaggle tif (27,935 bytes): one read per file

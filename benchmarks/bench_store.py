@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 import pytest
 
-from pcamtool.store import Store, open_store
+from pcamtool.io.store import Store, open_store
 
 BATCH = 256
 N_BATCHES = 40       # per timed round for the fast methods

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from pcamtool.augment import AugmentConfig, augment_batch
 from pcamtool.device import Precision, autocast_context, cpu_has_native_bf16, use_channels_last
 from pcamtool.models import DEFAULT_MODEL, create_model
-from pcamtool.preprocess import PcamNet, to_float01
+from pcamtool.contract import PcamNet, to_float01
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 BATCH = {"cpu": 128, "cuda": 512}

@@ -26,12 +26,12 @@ import numpy as np
 from pcamtool import open_store, pack
 from pcamtool.augment import AugmentConfig
 from pcamtool.config import TrainConfig
-from pcamtool.csvio import read_labels
+from pcamtool.io.csvio import read_labels
 from pcamtool.evaluate import evaluate_arrays
 from pcamtool.export import export_onnx
 from pcamtool.infer import predict
-from pcamtool.split import make_split
-from pcamtool.train import fit
+from pcamtool.train.split import make_split
+from pcamtool.train.loop import fit
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "pcam-real"
 

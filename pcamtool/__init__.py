@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 from .errors import PcamError  # noqa: E402
 from .pack import pack, PackResult  # noqa: E402
-from .store import open_store, Store  # noqa: E402
-from .tiff import read_patch  # noqa: E402
+from .io.store import open_store, Store  # noqa: E402
+from .io.tiff import read_patch  # noqa: E402
 
 __all__ = ["__version__", "PcamError", "pack", "PackResult", "open_store", "Store", "read_patch"]

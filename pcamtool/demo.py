@@ -37,8 +37,8 @@ def run_demo(folder: str | Path = "demo", n_train: int = 10000, n_test: int = 20
     from .pack import pack
     from .submission import order_like_sample
     from .synth import generate
-    from .train import fit
-    from .csvio import write_rows
+    from .train.loop import fit
+    from .io.csvio import write_rows
 
     t0 = time.perf_counter()
     root = Path(folder)

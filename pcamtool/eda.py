@@ -146,7 +146,7 @@ def load_for_eda(src: str | os.PathLike, limit: Optional[int] = None, seed: int 
     src = Path(src)
     if src.is_dir():
         from .pack import default_labels_path
-        from .tiff import iter_batches, list_tifs
+        from .io.tiff import iter_batches, list_tifs
 
         listing = list_tifs(src)
         if not listing.paths:
@@ -166,12 +166,12 @@ def load_for_eda(src: str | os.PathLike, limit: Optional[int] = None, seed: int 
         labels = None
         csv_path = default_labels_path(src)
         if csv_path.exists():
-            from .csvio import read_labels
+            from .io.csvio import read_labels
 
             table = read_labels(csv_path)
             labels = np.array([table.get(i, -1) for i in ids], np.int8)
         return images, labels, ids
-    from .store import open_store
+    from .io.store import open_store
 
     store = open_store(src)
     idx = np.arange(len(store))

@@ -22,9 +22,9 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .csvio import read_id_table
+from .io.csvio import read_id_table
 from .errors import PcamError, few
-from .fsutil import atomic_path
+from .io.fsutil import atomic_path
 
 DEFAULT_THRESHOLD = 0.5
 

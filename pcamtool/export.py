@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checkpoint import build_model, load_checkpoint
+from .train.checkpoint import build_model, load_checkpoint
 from .errors import ModelError, PcamError
-from .fsutil import atomic_path
-from .preprocess import to_float01
-from .runs import latest_run
+from .io.fsutil import atomic_path
+from .contract import to_float01
+from .train.runs import latest_run
 
 log = logging.getLogger("pcamtool")
 
@@ -95,7 +95,7 @@ def model_metadata(ckpt: dict[str, Any], fp16: bool) -> dict[str, str]:
 
 def _check_images(ckpt: dict[str, Any], store_path: Optional[str | os.PathLike], n: int) -> np.ndarray:
     """Real images for the parity check: from the store the model was trained on, if readable."""
-    from .store import open_store
+    from .io.store import open_store
 
     path = store_path or ckpt.get("store", {}).get("path")
     if path and Path(path).exists():

@@ -122,7 +122,7 @@ def default_source() -> Path:
 
 
 def default_models() -> list[Path]:
-    from .runs import latest_run
+    from .train.runs import latest_run
 
     return [latest_run(want="model.onnx") / "model.onnx"]
 
@@ -139,7 +139,7 @@ class _Source:
         if not src.exists():
             raise PcamError(f"{src}: not found")
         if src.is_dir():
-            from .tiff import list_tifs
+            from .io.tiff import list_tifs
 
             listing = list_tifs(src)
             if not listing.paths:
@@ -147,7 +147,7 @@ class _Source:
             items: list[Any] = listing.paths
             ids = listing.ids
         else:
-            from .store import open_store
+            from .io.store import open_store
 
             self.store = open_store(src)
             ids = list(self.store.ids)
@@ -168,7 +168,7 @@ class _Source:
                 yield self.store.gather(part), [None] * len(part)
             return
         from .pack import default_workers
-        from .tiff import iter_batches
+        from .io.tiff import iter_batches
 
         for b in iter_batches(self.items, size, self.workers or default_workers()):
             yield b.images, b.errors

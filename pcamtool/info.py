@@ -8,7 +8,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .store import open_store
+from .io.store import open_store
 
 
 def store_info(path: str | os.PathLike, outliers: bool = True) -> dict[str, Any]:

@@ -23,9 +23,9 @@ from typing import Collection, Optional, Sequence
 
 import numpy as np
 
-from .csvio import read_id_table, write_rows
+from .io.csvio import read_id_table, write_rows
 from .errors import LabelsError, PcamError, few
-from .fsutil import check_writable
+from .io.fsutil import check_writable
 
 _SHARD = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
 

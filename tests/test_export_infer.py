@@ -17,7 +17,7 @@ from pcamtool.config import TrainConfig
 from pcamtool.errors import PcamError
 from pcamtool.export import export_onnx
 from pcamtool.infer import predict, resolve_providers
-from pcamtool.train import fit
+from pcamtool.train.loop import fit
 
 from helpers import write_kaggle
 from test_train import learnable_store, tiny

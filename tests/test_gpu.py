@@ -10,9 +10,9 @@ pytestmark = [pytest.mark.gpu,
 
 
 def test_train_on_gpu_with_gpu_cache(tmp_path):
-    from pcamtool.data import resolve_cache
-    from pcamtool.store import open_store
-    from pcamtool.train import fit
+    from pcamtool.train.data import resolve_cache
+    from pcamtool.io.store import open_store
+    from pcamtool.train.loop import fit
 
     from test_train import learnable_store, tiny
 
@@ -26,7 +26,7 @@ def test_train_on_gpu_with_gpu_cache(tmp_path):
 def test_infer_cuda_provider_matches_cpu(tmp_path):
     from pcamtool.export import export_onnx
     from pcamtool.infer import predict, resolve_providers
-    from pcamtool.train import fit
+    from pcamtool.train.loop import fit
 
     from helpers import write_kaggle
     from test_train import learnable_store, tiny

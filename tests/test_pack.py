@@ -292,7 +292,7 @@ def test_real_sample_packs_pixel_exact(real_dir, tmp_path):
 
 def test_labels_fast_path_agrees_with_strict_reader(tmp_path, monkeypatch):
     """Plain Kaggle CSVs take the fast parser; anything unusual goes to the strict one."""
-    import pcamtool.csvio as C
+    import pcamtool.io.csvio as C
 
     text = "id,label\n" + "".join(f"{i:040x},{i % 2}\n" for i in range(50))
     path = tmp_path / "labels.csv"
@@ -312,7 +312,7 @@ def test_writer_keep_rows_closes_gaps(tmp_path, chunk):
     """Rows written in place from several threads, then the skipped ones closed up."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from pcamtool.store import StoreWriter
+    from pcamtool.io.store import StoreWriter
 
     n = 23
     images = random_patches(n, seed=8)

@@ -7,7 +7,7 @@ import torch
 
 from pcamtool.errors import PcamError
 from pcamtool.models import create_model
-from pcamtool.preprocess import Normalize, PcamNet, to_float01
+from pcamtool.contract import Normalize, PcamNet, to_float01
 
 MEAN, STD = [0.70, 0.54, 0.69], [0.24, 0.28, 0.21]
 

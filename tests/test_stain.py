@@ -185,7 +185,7 @@ def test_stain_metadata_round_trip_pack_train_export_infer(tmp_path):
     from pcamtool import open_store, pack
     from pcamtool.export import export_onnx
     from pcamtool.infer import predict
-    from pcamtool.train import fit
+    from pcamtool.train.loop import fit
 
     from helpers import write_kaggle
     from test_train import tiny

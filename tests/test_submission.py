@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pcamtool.csvio import read_id_table
+from pcamtool.io.csvio import read_id_table
 from pcamtool.errors import ExistsError, LabelsError, PcamError
 from pcamtool.submission import merge_shards, order_like_sample, parse_shard, shard_slice
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from pcamtool import synth
+import pcamtool.synth.dataset as synth
 from pcamtool.errors import ExistsError
-from pcamtool.kernels import render as R
+from pcamtool.synth import render as R
 
 HEX40 = re.compile(r"^[0-9a-f]{40}$")
 
@@ -197,7 +197,7 @@ def test_plain_python_kernels_paint_the_same_bytes(tmp_path):
     import subprocess
     import sys
 
-    code = ("import numpy as np, sys; from pcamtool import synth; "
+    code = ("import numpy as np, sys; from pcamtool.synth import dataset as synth; "
             "np.save(sys.argv[1], synth.render_split(2, seed=3, split='test').images)")
     env = {**__import__("os").environ, "PCAMTOOL_NUMBA": "0"}
     subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", code, str(tmp_path / "p.npy")],

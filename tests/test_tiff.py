@@ -9,7 +9,7 @@ from PIL import Image
 from pcamtool.errors import BadImageError
 from pcamtool.kernels import plain
 from pcamtool.kernels.decode import FALLBACK, OK, decode_tiff
-from pcamtool.tiff import iter_batches, read_into, read_patch
+from pcamtool.io.tiff import iter_batches, read_into, read_patch
 
 from helpers import random_patches
 
@@ -176,7 +176,7 @@ def _mixed_folder(tmp_path):
 def test_native_reader_matches_python_reader(tmp_path, monkeypatch):
     """The in-kernel reader (libc calls, header-guided direct reads) gives the
     Python reader's pixels, errors and statistics, file by file."""
-    import pcamtool.tiff as T
+    import pcamtool.io.tiff as T
 
     from pcamtool.kernels import ENABLED
 

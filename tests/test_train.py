@@ -15,10 +15,10 @@ import torch
 
 from pcamtool import pack
 from pcamtool.augment import AugmentConfig
-from pcamtool.checkpoint import build_model, load_checkpoint
+from pcamtool.train.checkpoint import build_model, load_checkpoint
 from pcamtool.config import TrainConfig
 from pcamtool.errors import PcamError
-from pcamtool.train import fit
+from pcamtool.train.loop import fit
 
 from helpers import write_kaggle
 
@@ -89,7 +89,7 @@ def test_resume_continues_to_the_same_result(store, tmp_path):
     # a run "killed" after epoch 2: same config, resumed to 3
     part_cfg = tiny(store, tmp_path / "part", epochs=3)
     script = (
-        "import sys, pcamtool.train as t\n"
+        "import sys, pcamtool.train.loop as t\n"
         "from pcamtool.config import TrainConfig\n"
         "import json\n"
         "cfg = TrainConfig.from_dict(json.loads(sys.argv[1]))\n"
@@ -134,7 +134,7 @@ def test_config_validation():
 
 DDP = """
 import sys
-from pcamtool.train import fit
+from pcamtool.train.loop import fit
 from pcamtool.config import TrainConfig
 import json
 fit(TrainConfig.from_dict(json.loads(sys.argv[1])), progress=False)
@@ -169,7 +169,7 @@ def test_auto_epochs_give_small_sets_more_passes():
 
 
 def test_default_epochs_are_resolved_and_recorded(store, tmp_path, monkeypatch):
-    import pcamtool.train as T
+    import pcamtool.train.loop as T
 
     seen = []
     monkeypatch.setattr(T, "auto_epochs", lambda n: seen.append(n) or 1)

@@ -34,8 +34,8 @@ from typing import Any, Optional, Sequence
 import h5py
 import numpy as np
 
-from .errors import StoreError
-from .kernels.stats import gather_rows
+from ..errors import StoreError
+from ..kernels.stats import gather_rows
 
 FORMAT = "pcamtool-store"
 FORMAT_VERSION = 1

@@ -24,9 +24,9 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from .errors import BadImageError, LabelsError
-from .kernels.decode import IO_ERROR, NATIVE_IO, OK, PATCH, decode_batch, read_decode
-from .kernels.stats import channel_sums
+from ..errors import BadImageError, LabelsError
+from ..kernels.decode import IO_ERROR, NATIVE_IO, OK, PATCH, decode_batch, read_decode
+from ..kernels.stats import channel_sums
 
 SHAPE = (PATCH, PATCH, 3)
 # Kaggle files are 27,935 bytes; a slot a little larger holds them whole,

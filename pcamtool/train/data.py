@@ -17,8 +17,8 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from .errors import PcamError
-from .store import ROW_BYTES, Store
+from ..errors import PcamError
+from ..io.store import ROW_BYTES, Store
 
 CACHES = ("auto", "gpu", "ram", "mmap")
 

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .errors import ModelError
+from ..errors import ModelError
 
 RUNS = Path("runs")
 METRIC_FIELDS = ["epoch", "train_loss", "val_loss", "val_auc", "val_acc", "lr", "img_per_s", "seconds"]

@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-from .jit import jit
+from ..kernels.jit import jit
 
 SIZE = 96
 CENTRE_LO = 32     # the labelled square: pixel centres 32..63 on both axes

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .errors import LabelsError
+from ..errors import LabelsError
 from .fsutil import atomic_path
 
 

@@ -15,8 +15,8 @@ from typing import Any, Callable
 
 import click
 
-from . import __version__
-from .errors import PcamError
+from .. import __version__
+from ..errors import PcamError
 
 log = logging.getLogger("pcamtool")
 
@@ -90,7 +90,7 @@ skip_bad_option = click.option("--skip-bad", is_flag=True,
 def pack(src: Path, labels: Path | None, out: Path | None, workers: int | None, chunk: int,
          compression: str, stain: str, stain_reference: Path | None, skip_bad: bool, force: bool) -> None:
     """Pack a folder of .tif patches into one chunked HDF5 store."""
-    from .pack import pack as pack_fn
+    from ..pack import pack as pack_fn
 
     res = pack_fn(src, labels=labels, out=out, workers=workers, chunk=chunk, compression=compression,
                   skip_bad=skip_bad, force=force, stain=stain, stain_reference=stain_reference,
@@ -106,7 +106,7 @@ def pack(src: Path, labels: Path | None, out: Path | None, workers: int | None, 
 @handle_errors
 def info(store: Path, as_json: bool) -> None:
     """Describe a store: counts, balance, statistics, layout, skipped files."""
-    from .info import format_info, store_info
+    from ..info import format_info, store_info
 
     data = store_info(store)
     click.echo(json.dumps(data, indent=2) if as_json else format_info(data))
@@ -173,9 +173,9 @@ def train(store: Path | None, resume: Path | None, **opts: Any) -> None:
     """Train a CNN on a store (default data/train.h5); writes a run folder."""
     import dataclasses
 
-    from .augment import AugmentConfig
-    from .config import TrainConfig
-    from .train import fit
+    from ..augment import AugmentConfig
+    from ..config import TrainConfig
+    from ..train.loop import fit
 
     kw = {k: v for k, v in opts.items() if v is not None and v != {}}
     kw["compile"] = kw.pop("compile_", False)
@@ -210,7 +210,7 @@ def train(store: Path | None, resume: Path | None, **opts: Any) -> None:
 def export(source: Path | None, out: Path | None, fp16: bool, opset: int, store_path: Path | None,
            force: bool) -> None:
     """Export a run (default: the latest run's best.pt) to ONNX, checked against PyTorch."""
-    from .export import export_onnx
+    from ..export import export_onnx
 
     res = export_onnx(source, out, fp16=fp16, opset=opset, store_path=store_path, force=force)
     log.info("wrote %s (parity %.1e on %d images)", res.path, res.max_abs_diff, res.checked_images)
@@ -219,7 +219,7 @@ def export(source: Path | None, out: Path | None, fp16: bool, opset: int, store_
 def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None):
     if value is None:
         return None
-    from .submission import parse_shard
+    from ..submission import parse_shard
 
     try:
         return parse_shard(value)
@@ -250,10 +250,10 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None):
 def infer(src: Path | None, models: tuple[Path, ...], tta: str, batch_size: int, provider: str,
           out: Path | None, shard, sample: Path | None, workers: int | None, skip_bad: bool, force: bool) -> None:
     """Predict tumour probabilities: writes a Kaggle submission (id,label) to stdout."""
-    from .csvio import format_rows, write_rows
-    from .fsutil import check_writable
-    from .infer import default_source, predict, sample_beside
-    from .submission import order_like_sample
+    from ..io.csvio import format_rows, write_rows
+    from ..io.fsutil import check_writable
+    from ..infer import default_source, predict, sample_beside
+    from ..submission import order_like_sample
 
     if out is not None:
         check_writable(out, force)
@@ -282,8 +282,8 @@ def infer(src: Path | None, models: tuple[Path, ...], tta: str, batch_size: int,
 @handle_errors
 def merge(shards: tuple[Path, ...], sample: Path | None, out: Path | None, force: bool) -> None:
     """Join shard CSVs from 'infer --shard' into one submission, checking ids."""
-    from .csvio import format_rows
-    from .submission import merge_shards
+    from ..io.csvio import format_rows
+    from ..submission import merge_shards
 
     ids, probs = merge_shards(list(shards), out, sample_csv=sample, force=force)
     if out is None:
@@ -299,7 +299,7 @@ def merge(shards: tuple[Path, ...], sample: Path | None, out: Path | None, force
 @handle_errors
 def evaluate(submission: Path, labels: Path, roc: Path, as_json: bool) -> None:
     """Score a submission against labels: ROC AUC, accuracy, confusion matrix, roc.png."""
-    from .evaluate import evaluate_submission
+    from ..evaluate import evaluate_submission
 
     report = evaluate_submission(submission, labels, roc_png=roc)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())
@@ -314,7 +314,7 @@ def evaluate(submission: Path, labels: Path, roc: Path, as_json: bool) -> None:
 @handle_errors
 def synth(out: Path, n_train: int, n_test: int, seed: int, force: bool) -> None:
     """Generate realistic synthetic H&E patches in the Kaggle layout."""
-    from .synth import generate
+    from ..synth import generate
 
     res = generate(out, n_train=n_train, n_test=n_test, seed=seed, force=force, progress=progress_enabled())
     log.info("wrote %s", res)
@@ -335,8 +335,8 @@ def demo(folder: Path, n_train: int, n_test: int, epochs: int | None, seed: int,
     """The whole job on synthetic data: generate, pack, train, export, infer, evaluate."""
     from dataclasses import replace
 
-    from .config import TrainConfig
-    from .demo import run_demo
+    from ..config import TrainConfig
+    from ..demo import run_demo
 
     cfg = replace(TrainConfig(), epochs=epochs)
     res = run_demo(folder, n_train=n_train, n_test=n_test, seed=seed, train=cfg, force=force,
@@ -354,7 +354,7 @@ def demo(folder: Path, n_train: int, n_test: int, epochs: int | None, seed: int,
 @handle_errors
 def eda(src: Path, out: Path, limit: int | None, seed: int) -> None:
     """Figures of a store or tif folder: balance, samples, histograms, outliers."""
-    from .eda import load_for_eda, run_eda
+    from ..eda import load_for_eda, run_eda
 
     images, labels, ids = load_for_eda(src, limit, seed)
     rep = run_eda(images, labels, ids, out, seed=seed, title=src.name)

@@ -40,11 +40,11 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from .csvio import format_rows
-from .errors import ExistsError, PcamError
-from .fsutil import partial_name
-from .kernels import render as R
-from .progress import progress_bar
+from ..io.csvio import format_rows
+from ..errors import ExistsError, PcamError
+from ..io.fsutil import partial_name
+from . import render as R
+from ..progress import progress_bar
 
 SIZE = R.SIZE
 CENTRE = (32, 64)  # the labelled square: pixels 32..63 on both axes

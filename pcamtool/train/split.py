@@ -10,8 +10,8 @@ from typing import Optional
 
 import numpy as np
 
-from .csvio import read_id_table
-from .errors import PcamError
+from ..io.csvio import read_id_table
+from ..errors import PcamError
 
 
 def read_groups(path: str | os.PathLike, ids: np.ndarray) -> np.ndarray:

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .errors import ModelError
-from .fsutil import atomic_path
+from .. import __version__
+from ..errors import ModelError
+from ..io.fsutil import atomic_path
 
 FORMAT = "pcamtool-checkpoint"
 VERSION = 1
@@ -48,8 +48,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 def build_model(ckpt: dict[str, Any]) -> torch.nn.Module:
     """The :class:`~pcamtool.preprocess.PcamNet` of a checkpoint, weights loaded, in eval mode."""
-    from .models import create_model
-    from .preprocess import PcamNet
+    from ..models import create_model
+    from ..contract import PcamNet
 
     spec = ckpt["model"]
     net = PcamNet(create_model(spec["name"], **spec.get("kwargs", {})),

@@ -25,18 +25,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .augment import augment_batch
+from ..augment import augment_batch
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import TrainConfig, auto_epochs
+from ..config import TrainConfig, auto_epochs
 from .data import BatchLoader, RowSource, cpu_threads, resolve_cache
-from .device import Precision, autocast_context, resolve_device, use_channels_last
-from .errors import PcamError, TrainingError
-from .models import create_model
-from .preprocess import PcamNet, to_float01
-from .progress import progress_bar
+from ..device import Precision, autocast_context, resolve_device, use_channels_last
+from ..errors import PcamError, TrainingError
+from ..models import create_model
+from ..contract import PcamNet, to_float01
+from ..progress import progress_bar
 from .runs import new_run_dir, plot_curves, write_metrics
 from .split import make_split, read_groups
-from .store import Store, open_store
+from ..io.store import Store, open_store
 
 log = logging.getLogger("pcamtool")
 
@@ -328,7 +328,7 @@ def fit(cfg: TrainConfig, resume: Optional[str | os.PathLike] = None, progress: 
     finally:
         dist.close()
     if cfg.export and dist.main:
-        from .export import export_onnx
+        from ..export import export_onnx
 
         export_onnx(run_dir / "best.pt", run_dir / "model.onnx", store_path=cfg.store, force=True)
     return TrainResult(run_dir, best_auc, best_epoch, epoch, time.perf_counter() - t_start)

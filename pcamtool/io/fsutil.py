@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from .errors import ExistsError
+from ..errors import ExistsError
 
 
 def partial_name(path: str | os.PathLike) -> Path:
