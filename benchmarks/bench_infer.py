@@ -16,12 +16,14 @@ import tifffile
 import torch
 
 from pcamtool import pack
-from pcamtool.augment import _FH, _FW, _T, dihedral_np, tta_transforms
+from pcamtool.tta import _FH, _FW, _T, dihedral_np, tta_transforms
 from pcamtool.train.checkpoint import save_checkpoint
-from pcamtool.export import ProbabilityModel, export_onnx
-from pcamtool.infer import open_session, predict
+from pcamtool.contract import ProbabilityModel
+from pcamtool.export import export_onnx
+from pcamtool.infer import predict
+from pcamtool.onnx_io import open_session
 from pcamtool.models import DEFAULT_MODEL, create_model
-from pcamtool.contract import PcamNet
+from pcamtool.contract import Classifier
 
 N = 1024
 RESULTS: dict[str, float] = {}
@@ -32,7 +34,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("infer")
     torch.manual_seed(0)
     mean, std = [0.70, 0.55, 0.70], [0.24, 0.28, 0.22]
-    net = PcamNet(create_model(DEFAULT_MODEL), mean, std).eval()
+    net = Classifier(create_model(DEFAULT_MODEL), mean, std).eval()
     ckpt = root / "m.pt"
     save_checkpoint(ckpt, {"model": {"name": DEFAULT_MODEL, "kwargs": {}}, "weights": net.state_dict(),
                            "mean": mean, "std": std, "stain": {"method": "none"}, "store": {}, "val_auc": 0.5})

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from pcamtool.augment import AugmentConfig, augment_batch
 from pcamtool.device import Precision, autocast_context, cpu_has_native_bf16, use_channels_last
 from pcamtool.models import DEFAULT_MODEL, create_model
-from pcamtool.contract import PcamNet, to_float01
+from pcamtool.contract import Classifier, to_float01
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 BATCH = {"cpu": 128, "cuda": 512}
@@ -44,7 +44,7 @@ def test_augment_throughput(benchmark, device):
 
 def _step(dev: torch.device, arch: str, autocast: Callable[[], AbstractContextManager]) -> Callable[[], None]:
     """One augmented optimizer step of ``arch`` on a fixed batch, under ``autocast()``."""
-    net = PcamNet(create_model(arch), [0.7, 0.55, 0.7], [0.24, 0.28, 0.22]).to(dev)
+    net = Classifier(create_model(arch), [0.7, 0.55, 0.7], [0.24, 0.28, 0.22]).to(dev)
     if use_channels_last(dev):
         net = net.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)

@@ -1,23 +1,13 @@
-"""Batched augmentation on the device, and the dihedral transforms shared with TTA.
+"""Training augmentation, batched on the device: dihedral, shift, colour and HED stain jitter.
 
 A PCam label does not depend on orientation (tissue has no "up") nor on the
 exact stain of the lab that cut it, so training sees random elements of the
-dihedral group D4 (the 8 flips/90-degree rotations), colour jitter, a small
-shift and HED stain jitter. Everything here is a tensor operation over the
-whole batch on whatever device the batch lives on: the same code runs on the
-CPU and on a GPU, with no per-sample Python loop, and draws its random
-numbers only from the ``torch.Generator`` it is given, so a seeded generator
-gives the same batch every time.
-
-Dihedral numbering (shared by :func:`dihedral`, :func:`dihedral_np`, the
-per-sample :func:`dihedral_batch` and :func:`tta_transforms`)::
-
-    k = r + 4 * f:  flip the width axis if f == 1, then rotate by r * 90 degrees
-                    (np.rot90 / torch.rot90 direction, from the first axis
-                    towards the second)
-
-so ``k`` in 0..3 are the rotations and 4..7 the reflections;
-``dihedral(dihedral(x, k), dihedral_inverse(k)) == x``.
+dihedral group D4 (:mod:`pcamtool.tta`), colour jitter, a small shift and HED
+stain jitter. Everything here is a tensor operation over the whole batch on
+whatever device the batch lives on: the same code runs on the CPU and on a
+GPU, with no per-sample Python loop, and draws its random numbers only from
+the ``torch.Generator`` it is given, so a seeded generator gives the same
+batch every time.
 
 Example::
 
@@ -29,7 +19,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
@@ -37,82 +26,7 @@ import torch
 from torch import Tensor
 
 from .errors import PcamError
-
-# --------------------------------------------------------------------- dihedral
-
-TTA_CHOICES = (1, 2, 4, 8)
-# Each k as (transpose, flip first spatial axis, flip second spatial axis),
-# applied in that order: the form used for per-sample transforms in one pass.
-_T = (0, 1, 0, 1, 0, 1, 0, 1)
-_FH = (0, 1, 1, 0, 0, 0, 1, 1)
-_FW = (0, 0, 1, 1, 1, 0, 0, 1)
-
-
-def _check_k(k: int) -> int:
-    if not isinstance(k, (int, np.integer)) or not 0 <= int(k) <= 7:
-        raise PcamError(f"dihedral transform must be an integer in 0..7, got {k!r}")
-    return int(k)
-
-
-def dihedral(x: Tensor, k: int, dims: tuple[int, int] = (-2, -1)) -> Tensor:
-    """Element ``k`` (0..7) of the dihedral group applied to the square axes ``dims``.
-
-    ``dims=(-2, -1)`` for NCHW floats, ``dims=(1, 2)`` for NHWC uint8 batches.
-    """
-    k = _check_k(k)
-    if k >= 4:
-        x = torch.flip(x, (dims[1],))
-    return torch.rot90(x, k % 4, dims) if k % 4 else x
-
-
-def dihedral_np(x: np.ndarray, k: int, axes: tuple[int, int] = (1, 2)) -> np.ndarray:
-    """NumPy twin of :func:`dihedral` (a view; default axes for NHWC batches)."""
-    k = _check_k(k)
-    if k >= 4:
-        x = np.flip(x, axes[1])
-    return np.rot90(x, k % 4, axes) if k % 4 else x
-
-
-def dihedral_inverse(k: int) -> int:
-    """The ``j`` with ``dihedral(dihedral(x, k), j) == x``: reflections are their own inverse."""
-    k = _check_k(k)
-    return k if k >= 4 else (4 - k) % 4
-
-
-def dihedral_batch(x: Tensor, ks: Tensor) -> Tensor:
-    """Image ``i`` of an NCHW batch transformed by ``dihedral(., ks[i])``, in one gather."""
-    return _remap(x, ks, None, 0)
-
-
-def tta_transforms(n: int) -> list[int]:
-    """The dihedral ``k`` averaged by TTA x``n``: always a subgroup, so the average is invariant to it.
-
-    1: identity; 2: + horizontal flip; 4: the flips and the half turn
-    ({0, 2, 4, 6}); 8: the whole group.
-    """
-    table = {1: [0], 2: [0, 4], 4: [0, 2, 4, 6], 8: list(range(8))}
-    if n not in table:
-        raise PcamError(f"--tta must be one of {', '.join(map(str, TTA_CHOICES))}, got {n}")
-    return table[n]
-
-
-def tta_batch(x: Tensor, n: int, dims: tuple[int, int] = (1, 2)) -> Tensor:
-    """The ``n`` TTA copies of a batch concatenated ``k``-major: ``(n * B, ...)``.
-
-    Average predictions with ``p.reshape(n, B).mean(0)``. Default ``dims``
-    are those of NHWC uint8 batches.
-    """
-    return torch.cat([dihedral(x, k, dims) for k in tta_transforms(n)])
-
-
-def tta_batch_np(x: np.ndarray, n: int, axes: tuple[int, int] = (1, 2)) -> np.ndarray:
-    """NumPy twin of :func:`tta_batch` (for onnxruntime inputs)."""
-    return np.concatenate([dihedral_np(x, k, axes) for k in tta_transforms(n)])
-
-
-def dihedral_all(x: Tensor, dims: tuple[int, int] = (1, 2)) -> Tensor:
-    """All 8 transforms of a batch, ``(8 * B, ...)`` in order ``k = 0..7``."""
-    return tta_batch(x, 8, dims)
+from .tta import remap
 
 
 # ----------------------------------------------------------------------- config
@@ -199,61 +113,11 @@ def _uniform(gen: torch.Generator, shape: Sequence[int], half_width: float, cent
     return (center + half_width * (2 * u - 1)).to(device=device, dtype=dtype)
 
 
-@lru_cache(maxsize=8)
-def _source_tables(n: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """For each k, where every output pixel comes from: (8, n*n) int64 rows, columns, flat indices."""
-    i = torch.arange(n).view(n, 1).expand(n, n)
-    j = torch.arange(n).view(1, n).expand(n, n)
-    rows, cols = [], []
-    for k in range(8):
-        # undo the steps in reverse order: flip axis 1, flip axis 0, transpose
-        jj = n - 1 - j if _FW[k] else j
-        ii = n - 1 - i if _FH[k] else i
-        a, b = (jj, ii) if _T[k] else (ii, jj)
-        rows.append(a.reshape(-1))
-        cols.append(b.reshape(-1))
-    r, c = torch.stack(rows), torch.stack(cols)
-    return r.to(device), c.to(device), (r * n + c).to(device)
-
-
-def _reflect(v: Tensor, n: int) -> Tensor:
-    """Index ``v`` reflected into ``0..n-1`` without repeating the edge (``F.pad`` "reflect")."""
-    return (n - 1) - ((n - 1) - v.abs()).abs()
-
-
-def _remap(x: Tensor, ks: Tensor | None, shifts: Tensor | None, max_shift: int) -> Tensor:
-    """Per-image dihedral transform ``ks`` after a shift, as a single gather.
-
-    ``shifts`` is ``(2, B)`` in ``0..2*max_shift`` (row and column offsets of
-    the crop in the reflect-padded image); ``None`` means no shift, and
-    ``ks=None`` no dihedral transform. The index arithmetic is done on
-    per-image rows and columns (``B x 96``), not per pixel, and the only
-    per-pixel work is two small integer gathers and the gather of the image.
-    """
-    b, c, h, w = x.shape
-    if h != w:
-        raise PcamError(f"dihedral transforms need square images, got {tuple(x.shape)}")
-    if ks is not None and ks.shape != (b,):
-        raise PcamError(f"need one transform per image: {tuple(ks.shape)} for a batch of {b}")
-    tab_r, tab_c, tab_flat = _source_tables(h, x.device)
-    sel = ks.to(device=x.device, dtype=torch.long) if ks is not None else torch.zeros(b, dtype=torch.long, device=x.device)
-    if shifts is None:
-        src = tab_flat.index_select(0, sel)                                   # (B, H*W)
-    else:
-        shifts = shifts.to(device=x.device, dtype=torch.long) - max_shift
-        line = torch.arange(h, device=x.device).view(1, h)
-        row_of = _reflect(line + shifts[0].view(b, 1), h)                     # (B, H)
-        col_of = _reflect(line + shifts[1].view(b, 1), w)
-        src = (row_of.gather(1, tab_r.index_select(0, sel)) * w
-               + col_of.gather(1, tab_c.index_select(0, sel)))
-    src = src.view(b, 1, h * w).expand(b, c, h * w)
-    return torch.gather(x.reshape(b, c, h * w), 2, src).view(b, c, h, w)
-
 
 def random_dihedral(x: Tensor, gen: torch.Generator) -> Tensor:
     """A uniformly random element of D4 per image of an NCHW batch."""
     ks = torch.randint(0, 8, (x.shape[0],), generator=gen, device=gen.device)
-    return _remap(x, ks, None, 0)
+    return remap(x, ks, None, 0)
 
 
 def random_shift(x: Tensor, max_px: int, gen: torch.Generator) -> Tensor:
@@ -261,7 +125,7 @@ def random_shift(x: Tensor, max_px: int, gen: torch.Generator) -> Tensor:
     if max_px <= 0:
         return x
     off = torch.randint(0, 2 * max_px + 1, (2, x.shape[0]), generator=gen, device=gen.device)
-    return _remap(x, None, off, max_px)
+    return remap(x, None, off, max_px)
 
 
 # ITU-R BT.601 luma, as torchvision's grayscale
@@ -378,5 +242,5 @@ def augment_batch(x01: Tensor, cfg: AugmentConfig, generator: torch.Generator) -
                                device=generator.device)
     if ks is not None or shifts is not None:
         # flips and shift are permutations of pixels: one gather does both
-        x = _remap(x, ks, shifts, int(cfg.shift_px))
+        x = remap(x, ks, shifts, int(cfg.shift_px))
     return x

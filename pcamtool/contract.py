@@ -8,12 +8,13 @@ training, the exported graph and inference numerically the same:
   augmentation (:mod:`pcamtool.augment`) works on these.
 * :class:`Normalize` subtracts the store's per-channel mean and divides by its
   std (both measured on pixels/255 at pack time).
-* :class:`PcamNet` wraps a backbone from :func:`pcamtool.models.create_model`
-  with both, so the exported ONNX graph takes uint8 images directly.
+* :class:`Classifier` wraps a backbone from :func:`pcamtool.models.create_model`
+  with both, so the exported ONNX graph takes uint8 images directly;
+  :class:`ProbabilityModel` adds the sigmoid head that export puts in the graph.
 
 Example::
 
-    net = PcamNet(create_model("pcamnet"), store.mean, store.std)
+    net = Classifier(create_model("pcamnet"), store.mean, store.std)
     logits = net(torch.from_numpy(store.gather([0, 1])))      # uint8 in, (2,) out
 """
 from __future__ import annotations
@@ -79,7 +80,7 @@ class Normalize(nn.Module):
         return (x - mean) / std
 
 
-class PcamNet(nn.Module):
+class Classifier(nn.Module):
     """A backbone with its preprocessing: uint8 NHWC images in, logits ``(B,)`` out.
 
     Parameters
@@ -104,3 +105,15 @@ class PcamNet(nn.Module):
     def forward01(self, x01: Tensor) -> Tensor:
         """Logits of float NCHW images in ``[0, 1]`` (training, after augmentation)."""
         return self.backbone(self.normalize(x01))
+
+
+class ProbabilityModel(torch.nn.Module):
+    """uint8 NHWC images -> probability of tumour, in ``dtype`` inside."""
+
+    def __init__(self, net: torch.nn.Module, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.net = net.to(dtype)
+        self.dtype = dtype
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.net.forward01(to_float01(images).to(self.dtype)).float())

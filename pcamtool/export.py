@@ -11,7 +11,6 @@ Example::
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import warnings
@@ -26,28 +25,12 @@ from . import __version__
 from .train.checkpoint import build_model, load_checkpoint
 from .errors import ModelError, PcamError
 from .io.fsutil import atomic_path
-from .contract import to_float01
+from .onnx_io import INPUT, OUTPUT, model_metadata, open_session
+from .contract import ProbabilityModel
 from .train.runs import latest_run
 
 log = logging.getLogger("pcamtool")
-
-ONNX_FORMAT = "pcamtool-onnx"
-ONNX_VERSION = "1"
-INPUT, OUTPUT = "images", "probability"
 TOLERANCE = {False: 1e-4, True: 2e-2}   # fp32, fp16: max abs difference in probability
-
-
-class ProbabilityModel(torch.nn.Module):
-    """uint8 NHWC images -> probability of tumour, in ``dtype`` inside."""
-
-    def __init__(self, net: torch.nn.Module, dtype: torch.dtype = torch.float32) -> None:
-        super().__init__()
-        self.net = net.to(dtype)
-        self.dtype = dtype
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.net.normalize(to_float01(images).to(self.dtype))
-        return torch.sigmoid(self.net.backbone(x).float())
 
 
 @dataclass(frozen=True)
@@ -70,27 +53,6 @@ def resolve_checkpoint(source: Optional[str | os.PathLike]) -> Path:
     if not p.exists():
         raise ModelError(f"{p}: checkpoint or run folder not found")
     return p
-
-
-def model_metadata(ckpt: dict[str, Any], fp16: bool) -> dict[str, str]:
-    """What the ONNX file says about itself (all values are strings, per ONNX)."""
-    return {
-        "format": ONNX_FORMAT,
-        "format_version": ONNX_VERSION,
-        "pcamtool_version": __version__,
-        "arch": ckpt["model"]["name"],
-        "model_kwargs": json.dumps(ckpt["model"].get("kwargs", {})),
-        "mean": json.dumps(ckpt["mean"]),
-        "std": json.dumps(ckpt["std"]),
-        "stain": json.dumps(ckpt.get("stain", {"method": "none"})),
-        "input_layout": "NHWC uint8 (batch, 96, 96, 3), RGB; normalization inside the graph",
-        "output": "probability of tumour in the central 32x32, float32 (batch,)",
-        "val_auc": f"{ckpt.get('best_auc', ckpt.get('val_auc', float('nan'))):.6f}",
-        "epoch": str(ckpt.get("epoch", "")),
-        "store": json.dumps(ckpt.get("store", {})),
-        "tta_default": "8",
-        "precision": "fp16" if fp16 else "fp32",
-    }
 
 
 def _check_images(ckpt: dict[str, Any], store_path: Optional[str | os.PathLike], n: int) -> np.ndarray:
@@ -120,7 +82,6 @@ def export_onnx(source: Optional[str | os.PathLike] = None, out: Optional[str | 
     """
     import onnx
 
-    from .infer import open_session
 
     ckpt_path = resolve_checkpoint(source)
     ckpt = load_checkpoint(ckpt_path)

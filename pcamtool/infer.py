@@ -12,7 +12,6 @@ Example::
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -22,88 +21,12 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from .augment import dihedral_np, tta_transforms
+from .tta import dihedral_np, tta_transforms
 from .errors import ModelError, PcamError
+from .onnx_io import INPUT, open_session
 from .progress import progress_bar
 
 log = logging.getLogger("pcamtool")
-
-PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
-_ORT_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
-              "tensorrt": "TensorrtExecutionProvider"}
-
-
-def _gpu_present() -> bool:
-    """Whether an NVIDIA driver is loadable: without one, never ask onnxruntime for CUDA.
-
-    ``get_available_providers()`` lists CUDA wherever onnxruntime-gpu is
-    installed, and asking for it on a machine without a GPU prints a loud
-    error; the driver library is the honest test.
-    """
-    try:
-        ctypes.CDLL("libcuda.so.1")
-        return True
-    except OSError:
-        return False
-
-
-def usable_providers() -> list[str]:
-    """The onnxruntime providers that can actually run here, best first."""
-    import onnxruntime as ort
-
-    listed = ort.get_available_providers()
-    usable = []
-    if _gpu_present():
-        try:
-            ort.preload_dlls()  # CUDA/cuDNN shipped by pip packages (nvidia-*), if any
-        except Exception:
-            pass
-        for name in ("TensorrtExecutionProvider", "CUDAExecutionProvider"):
-            if name in listed:
-                usable.append(name)
-    usable.append("CPUExecutionProvider")
-    return usable
-
-
-def resolve_providers(provider: str) -> list[str]:
-    """onnxruntime provider list for ``--provider`` (auto: TensorRT, CUDA, then CPU)."""
-    if provider not in PROVIDERS:
-        raise PcamError(f"unknown provider {provider!r} (choose from {', '.join(PROVIDERS)})")
-    usable = usable_providers()
-    if provider == "auto":
-        return usable
-    want = _ORT_NAMES[provider]
-    if want not in usable:
-        raise PcamError(f"provider {provider} is not usable on this machine (usable: "
-                        f"{', '.join(p.replace('ExecutionProvider', '').lower() for p in usable)})")
-    return [want] if want == "CPUExecutionProvider" else [want, "CPUExecutionProvider"]
-
-
-def open_session(path: str | os.PathLike, provider: str = "auto") -> Any:
-    """An onnxruntime session for one of our models, checked for metadata and input."""
-    import onnxruntime as ort
-
-    from .export import INPUT, ONNX_FORMAT
-
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"{path}: model not found")
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # errors only: warnings about unused initializers are noise
-    try:
-        sess = ort.InferenceSession(str(path), opts, providers=resolve_providers(provider))
-    except Exception as exc:
-        raise ModelError(f"{path}: not a loadable ONNX model ({str(exc).strip().splitlines()[0][:200]})") from None
-    meta = sess.get_modelmeta().custom_metadata_map
-    if meta.get("format") != ONNX_FORMAT:
-        raise ModelError(f"{path}: not a pcamtool model (no '{ONNX_FORMAT}' metadata)")
-    inputs = sess.get_inputs()
-    if len(inputs) != 1 or inputs[0].name != INPUT or inputs[0].type != "tensor(uint8)" \
-            or list(inputs[0].shape[1:]) != [96, 96, 3]:
-        got = ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs)
-        raise ModelError(f"{path}: model input is {got}, expected {INPUT} uint8 [batch, 96, 96, 3]")
-    return sess
-
 
 @dataclass
 class Predictions:
@@ -210,8 +133,6 @@ def predict(src: Optional[str | os.PathLike] = None, models: Optional[Sequence[s
     if len(stains) > 1:
         raise ModelError("the ensemble's models were trained with different stain normalizations")
     transform = _stain_transform(json.loads(stains.pop()), source.stain(), src_path)
-    from .export import INPUT
-
     probs = np.empty(len(source.ids), np.float64)
     keep = np.ones(len(source.ids), bool)
     skipped: list[tuple[str, str]] = []

@@ -2,7 +2,7 @@
 
 Every backbone takes normalized float NCHW images ``(B, 3, 96, 96)`` and
 returns one logit per image ``(B,)``; preprocessing lives in
-:class:`pcamtool.preprocess.PcamNet`. The factory records its arguments on
+:class:`pcamtool.preprocess.Classifier`. The factory records its arguments on
 the model (``model.pcam_args``, also :func:`model_args`) with every default
 filled in, so a checkpoint can rebuild exactly the same network even if a
 default changes later.

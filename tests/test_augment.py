@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from pcamtool.augment import (HED_FROM_RGB, RGB_FROM_HED, AugmentConfig, augment_batch, color_jitter,
-                              dihedral, dihedral_all, dihedral_batch, dihedral_inverse, dihedral_np,
-                              hed_jitter, hed_to_rgb, random_shift, rgb_to_hed, tta_batch, tta_batch_np,
-                              tta_transforms)
+                              hed_jitter, hed_to_rgb, random_shift, rgb_to_hed)
+from pcamtool.tta import (dihedral, dihedral_all, dihedral_batch, dihedral_inverse, dihedral_np, tta_batch,
+                          tta_batch_np, tta_transforms)
 from pcamtool.errors import PcamError
 
 

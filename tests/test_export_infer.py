@@ -16,7 +16,8 @@ from pcamtool.cli import cli
 from pcamtool.config import TrainConfig
 from pcamtool.errors import PcamError
 from pcamtool.export import export_onnx
-from pcamtool.infer import predict, resolve_providers
+from pcamtool.infer import predict
+from pcamtool.onnx_io import resolve_providers
 from pcamtool.train.loop import fit
 
 from helpers import write_kaggle

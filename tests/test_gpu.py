@@ -25,7 +25,8 @@ def test_train_on_gpu_with_gpu_cache(tmp_path):
 
 def test_infer_cuda_provider_matches_cpu(tmp_path):
     from pcamtool.export import export_onnx
-    from pcamtool.infer import predict, resolve_providers
+    from pcamtool.infer import predict
+    from pcamtool.onnx_io import resolve_providers
     from pcamtool.train.loop import fit
 
     from helpers import write_kaggle

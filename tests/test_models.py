@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from pcamtool.augment import dihedral
+from pcamtool.tta import dihedral
 from pcamtool.errors import ModelError, PcamError
 from pcamtool.models import DEFAULT_MODEL, CentrePool, create_model, list_models, model_args
 

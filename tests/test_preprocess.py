@@ -1,4 +1,4 @@
-"""uint8 -> float conversion, normalization, and the ONNX export of PcamNet with uint8 input."""
+"""uint8 -> float conversion, normalization, and the ONNX export of Classifier with uint8 input."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +7,7 @@ import torch
 
 from pcamtool.errors import PcamError
 from pcamtool.models import create_model
-from pcamtool.contract import Normalize, PcamNet, to_float01
+from pcamtool.contract import Normalize, Classifier, to_float01
 
 MEAN, STD = [0.70, 0.54, 0.69], [0.24, 0.28, 0.21]
 
@@ -53,7 +53,7 @@ def test_normalize_matches_the_formula_and_keeps_dtype():
 
 def test_pcamnet_uint8_and_float_paths_agree():
     torch.manual_seed(0)
-    net = PcamNet(create_model("pcamnet", width=8), np.array(MEAN), torch.tensor(STD)).eval()
+    net = Classifier(create_model("pcamnet", width=8), np.array(MEAN), torch.tensor(STD)).eval()
     x = images(3)
     out = net(x)
     assert out.shape == (3,) and out.dtype == torch.float32
@@ -69,7 +69,7 @@ def test_onnx_export_with_uint8_input_matches_pytorch(tmp_path):
     import onnxruntime as ort
 
     torch.manual_seed(0)
-    net = PcamNet(create_model("pcamnet", width=8), MEAN, STD).eval()
+    net = Classifier(create_model("pcamnet", width=8), MEAN, STD).eval()
     with torch.no_grad():  # non-trivial BN statistics, so normalization and BN folding are exercised
         for m in net.modules():
             if isinstance(m, torch.nn.BatchNorm2d):

@@ -47,12 +47,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def build_model(ckpt: dict[str, Any]) -> torch.nn.Module:
-    """The :class:`~pcamtool.preprocess.PcamNet` of a checkpoint, weights loaded, in eval mode."""
+    """The :class:`~pcamtool.preprocess.Classifier` of a checkpoint, weights loaded, in eval mode."""
     from ..models import create_model
-    from ..contract import PcamNet
+    from ..contract import Classifier
 
     spec = ckpt["model"]
-    net = PcamNet(create_model(spec["name"], **spec.get("kwargs", {})),
+    net = Classifier(create_model(spec["name"], **spec.get("kwargs", {})),
                   torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"]))
     try:
         net.load_state_dict(ckpt["weights"])

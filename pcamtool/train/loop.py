@@ -32,7 +32,7 @@ from .data import BatchLoader, RowSource, cpu_threads, resolve_cache
 from ..device import Precision, autocast_context, resolve_device, use_channels_last
 from ..errors import PcamError, TrainingError
 from ..models import create_model
-from ..contract import PcamNet, to_float01
+from ..contract import Classifier, to_float01
 from ..progress import progress_bar
 from .runs import new_run_dir, plot_curves, write_metrics
 from .split import make_split, read_groups
@@ -53,7 +53,7 @@ class TrainResult:
 class _Forward01(torch.nn.Module):
     """Training forward on augmented floats, as a module so DDP can wrap it."""
 
-    def __init__(self, net: PcamNet) -> None:
+    def __init__(self, net: Classifier) -> None:
         super().__init__()
         self.net = net
 
@@ -215,7 +215,7 @@ def fit(cfg: TrainConfig, resume: Optional[str | os.PathLike] = None, progress: 
                                rank=dist.rank, world=dist.world)
     val_loader = BatchLoader(val_source, va_idx, max(256, cfg.batch_size), rank=dist.rank, world=dist.world)
 
-    net = PcamNet(create_model(cfg.arch, **cfg.model_kwargs),
+    net = Classifier(create_model(cfg.arch, **cfg.model_kwargs),
                   torch.tensor(store.mean, dtype=torch.float32), torch.tensor(store.std, dtype=torch.float32))
     if cfg.init_weights and state is None:
         _init_weights(net, cfg.init_weights)
@@ -352,7 +352,7 @@ def _payload(cfg: TrainConfig, store: Store, net: torch.nn.Module, epoch: int,
     }
 
 
-def _init_weights(net: PcamNet, path: str) -> None:
+def _init_weights(net: Classifier, path: str) -> None:
     """Load local weights (a pcamtool checkpoint or a plain state dict); never downloads."""
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
