@@ -143,38 +143,19 @@ def run_eda(images: np.ndarray, labels: Optional[np.ndarray], ids: Sequence[str]
 def load_for_eda(src: str | os.PathLike, limit: Optional[int] = None, seed: int = 0
                  ) -> tuple[np.ndarray, Optional[np.ndarray], list[str]]:
     """Images, labels and ids from a store or a tif folder (a random ``limit`` of them if given)."""
-    src = Path(src)
-    if src.is_dir():
-        from .pack import default_labels_path
-        from .io.tiff import iter_batches, list_tifs
+    from .io.sources import ImageSource
 
-        listing = list_tifs(src)
-        if not listing.paths:
-            raise PcamError(f"{src}: no .tif files found")
-        keep = np.arange(len(listing.paths))
-        if limit and limit < len(keep):
-            keep = np.sort(np.random.default_rng(seed).choice(keep, limit, replace=False))
-        paths = [listing.paths[i] for i in keep]
-        ids = [listing.ids[i] for i in keep]
-        images = np.empty((len(paths), 96, 96, 3), np.uint8)
-        ok = np.ones(len(paths), bool)
-        for b in iter_batches(paths, 512):
-            images[b.start:b.start + len(b.images)] = b.images
-            for j, e in enumerate(b.errors):
-                ok[b.start + j] = e is None
-        images, ids = images[ok], [i for i, k in zip(ids, ok) if k]
-        labels = None
-        csv_path = default_labels_path(src)
-        if csv_path.exists():
-            from .io.csvio import read_labels
-
-            table = read_labels(csv_path)
-            labels = np.array([table.get(i, -1) for i in ids], np.int8)
-        return images, labels, ids
-    from .io.store import open_store
-
-    store = open_store(src)
-    idx = np.arange(len(store))
-    if limit and limit < len(idx):
-        idx = np.sort(np.random.default_rng(seed).choice(idx, limit, replace=False))
-    return store.gather(idx), store.labels[idx], [store.ids[i] for i in idx]
+    source = ImageSource(src)
+    if limit and limit < len(source):
+        keep = np.sort(np.random.default_rng(seed).choice(len(source), limit, replace=False))
+        source = source.subset(keep)
+    images = np.empty((len(source), 96, 96, 3), np.uint8)
+    ok = np.ones(len(source), bool)
+    pos = 0
+    for batch, errors in source.batches(512):
+        images[pos:pos + len(batch)] = batch
+        ok[pos:pos + len(batch)] = [e is None for e in errors]
+        pos += len(batch)
+    labels = source.labels()
+    ids = [i for i, k in zip(source.ids, ok) if k]
+    return images[ok], (labels[ok] if labels is not None else None), ids

@@ -17,12 +17,13 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from .tta import dihedral_np, tta_transforms
 from .errors import ModelError, PcamError
+from .io.sources import ImageSource
 from .onnx_io import INPUT, open_session
 from .progress import progress_bar
 
@@ -48,53 +49,6 @@ def default_models() -> list[Path]:
     from .train.runs import latest_run
 
     return [latest_run(want="model.onnx") / "model.onnx"]
-
-
-class _Source:
-    """Ids and uint8 batches from a tif folder or a store, optionally one shard of them."""
-
-    def __init__(self, src: Path, shard: Optional[tuple[int, int]], workers: Optional[int]) -> None:
-        from .submission import shard_slice
-
-        self.src = src
-        self.workers = workers
-        self.store = None
-        if not src.exists():
-            raise PcamError(f"{src}: not found")
-        if src.is_dir():
-            from .io.tiff import list_tifs
-
-            listing = list_tifs(src)
-            if not listing.paths:
-                raise PcamError(f"{src}: no .tif files found")
-            items: list[Any] = listing.paths
-            ids = listing.ids
-        else:
-            from .io.store import open_store
-
-            self.store = open_store(src)
-            ids = list(self.store.ids)
-            items = list(range(len(ids)))
-            if not ids:
-                raise PcamError(f"{src}: store is empty")
-        sl = shard_slice(len(ids), *shard) if shard else slice(None)
-        self.ids, self.items = ids[sl], items[sl]
-
-    def stain(self) -> dict:
-        return self.store.stain() if self.store is not None else {"method": "none"}
-
-    def batches(self, size: int) -> Iterator[tuple[np.ndarray, list[Optional[Exception]]]]:
-        if self.store is not None:
-            idx = np.asarray(self.items, np.int64)
-            for a in range(0, len(idx), size):
-                part = idx[a:a + size]
-                yield self.store.gather(part), [None] * len(part)
-            return
-        from .pack import default_workers
-        from .io.tiff import iter_batches
-
-        for b in iter_batches(self.items, size, self.workers or default_workers()):
-            yield b.images, b.errors
 
 
 def _stain_transform(model_stain: dict, source_stain: dict, src: Path):
@@ -126,7 +80,7 @@ def predict(src: Optional[str | os.PathLike] = None, models: Optional[Sequence[s
     src_path = Path(src) if src is not None else default_source()
     model_paths = [Path(m) for m in models] if models else default_models()
     ks = tta_transforms(tta)
-    source = _Source(src_path, shard, workers)
+    source = ImageSource(src_path, shard, workers)
     sessions = [open_session(p, provider) for p in model_paths]
     metas = [s.get_modelmeta().custom_metadata_map for s in sessions]
     stains = {m.get("stain", '{"method": "none"}') for m in metas}

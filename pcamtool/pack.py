@@ -21,7 +21,9 @@ import numpy as np
 
 from . import __version__
 from .io.csvio import read_labels
-from .errors import BadImageError, LabelsError, PcamError, few
+from .io.sources import labels_beside
+from .system import cpu_threads
+from .errors import LabelsError, PcamError, few
 from .io.fsutil import check_writable, partial_name
 from .kernels.stats import channel_sums
 from .progress import progress_bar
@@ -54,19 +56,6 @@ class PackResult:
     @property
     def images_per_second(self) -> float:
         return self.count / self.seconds if self.seconds else 0.0
-
-
-def default_workers() -> int:
-    """Threads for decoding: the cores this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def default_labels_path(src: Path) -> Path:
-    """Kaggle keeps ``train_labels.csv`` beside ``train/``."""
-    return src.parent / f"{src.name}_labels.csv"
 
 
 def default_store_path(src: Path) -> Path:
@@ -157,7 +146,7 @@ def pack(src: str | os.PathLike, labels: Optional[str | os.PathLike] = None,
     tifs, stems = listing.paths, listing.ids  # sorted by id: the store's row order
 
     skipped: list[tuple[str, str]] = []
-    labels_path = Path(labels) if labels is not None else default_labels_path(src)
+    labels_path = Path(labels) if labels is not None else labels_beside(src)
     if labels is not None or labels_path.exists():
         table = read_labels(labels_path)
         tifs, stems, y = _match_labels(src, tifs, stems, table, labels_path, skip_bad, skipped)
@@ -169,7 +158,7 @@ def pack(src: str | os.PathLike, labels: Optional[str | os.PathLike] = None,
     if not tifs:
         raise PcamError(f"{src}: no usable images left")
 
-    stain_tf, stain_meta = _stain_setup(stain, stain_reference, tifs, workers or default_workers())
+    stain_tf, stain_meta = _stain_setup(stain, stain_reference, tifs, workers or cpu_threads())
     if stain_tf is not None:
         transform = stain_tf if transform is None else (lambda f, g: (lambda x: g(f(x))))(stain_tf, transform)
 
@@ -192,7 +181,7 @@ def pack(src: str | os.PathLike, labels: Optional[str | os.PathLike] = None,
             # (written through h5py's filters), the main thread writes.
             in_place = transform is None and compression == "none"
             kept: list[np.ndarray] = []
-            batches = iter_batches(paths, min(writer.chunk, DECODE_BATCH), workers or default_workers(),
+            batches = iter_batches(paths, min(writer.chunk, DECODE_BATCH), workers or cpu_threads(),
                                    stats=transform is None, reuse=True,
                                    sink=writer.write_at if in_place else None)
             # closing(): on an error the generator is shut first, which waits

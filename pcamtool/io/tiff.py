@@ -19,7 +19,6 @@ import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np

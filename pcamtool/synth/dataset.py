@@ -45,6 +45,7 @@ from ..errors import ExistsError, PcamError
 from ..io.fsutil import partial_name
 from . import render as R
 from ..progress import progress_bar
+from ..system import cpu_threads
 
 SIZE = R.SIZE
 CENTRE = (32, 64)  # the labelled square: pixels 32..63 on both axes
@@ -207,10 +208,6 @@ class Rendered:
     cells: Optional[list[np.ndarray]] = field(default=None, repr=False)
 
 
-def _default_workers() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
-
-
 def iter_split(n: int, seed: int = 0, split: str = "train", batch: int = 256,
                with_cells: bool = False, workers: Optional[int] = None) -> Iterator[Rendered]:
     """Paint the ``n`` patches of a split, ``batch`` at a time, in order.
@@ -249,7 +246,7 @@ def iter_split(n: int, seed: int = 0, split: str = "train", batch: int = 256,
         return Rendered(idx, images, tmask, labels, plan.targets[idx], plan.slide_of[idx], cl)
 
     starts = range(0, n, batch)
-    workers = _default_workers() if workers is None else max(1, workers)
+    workers = min(4, cpu_threads()) if workers is None else max(1, workers)
     if workers == 1 or len(starts) <= 1:
         for b0 in starts:
             yield paint(b0)

@@ -8,7 +8,6 @@ prepares the next batch while the current one trains.
 """
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from dataclasses import dataclass
@@ -19,20 +18,9 @@ import torch
 
 from ..errors import PcamError
 from ..io.store import ROW_BYTES, Store
+from ..system import available_ram
 
 CACHES = ("auto", "gpu", "ram", "mmap")
-
-
-def available_ram() -> int:
-    """Bytes of memory the OS can still give us (MemAvailable), or 0 if unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def resolve_cache(cache: str, store: Store, device: torch.device) -> str:
@@ -173,11 +161,3 @@ class BatchLoader:
                     q.get_nowait()
                 except queue.Empty:
                     t.join(0.01)
-
-
-def cpu_threads() -> int:
-    """Cores this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)

@@ -28,12 +28,13 @@ import torch.nn.functional as F
 from ..augment import augment_batch
 from .checkpoint import load_checkpoint, save_checkpoint
 from ..config import TrainConfig, auto_epochs
-from .data import BatchLoader, RowSource, cpu_threads, resolve_cache
+from .data import BatchLoader, RowSource, resolve_cache
 from ..device import Precision, autocast_context, resolve_device, use_channels_last
 from ..errors import PcamError, TrainingError
 from ..models import create_model
 from ..contract import Classifier, to_float01
 from ..progress import progress_bar
+from ..system import cpu_threads
 from .runs import new_run_dir, plot_curves, write_metrics
 from .split import make_split, read_groups
 from ..io.store import Store, open_store

@@ -10,7 +10,6 @@ from typing import Optional
 
 import numpy as np
 
-from ..io.csvio import read_id_table
 from ..errors import PcamError
 
 

@@ -1,0 +1,111 @@
+"""Images to predict or look at: a folder of tifs or a packed store, whole or one shard.
+
+``infer`` and ``eda`` both take "a tif folder or a store"; this is the one
+place that tells them apart, lists ids, and hands out uint8 batches (tifs
+decoded by the fast reader on worker threads, the next batch decoding while
+the current one is used).
+
+Example::
+
+    src = open_source("data/test", shard=(0, 4))
+    for images, errors in src.batches(256):
+        ...
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+
+from ..errors import BadImageError, PcamError
+from ..system import cpu_threads
+
+
+def labels_beside(folder: Path) -> Path:
+    """Kaggle keeps ``train_labels.csv`` beside ``train/``."""
+    return folder.parent / f"{folder.name}_labels.csv"
+
+
+class ImageSource:
+    """Ids, labels (if known) and uint8 batches of a tif folder or a store.
+
+    Parameters
+    ----------
+    src
+        A folder of ``.tif`` files or a store written by ``pack``.
+    shard
+        ``(i, n)``: only the i-th of n contiguous slices.
+    workers
+        Decoding threads for tifs (default: the usable cores).
+    """
+
+    def __init__(self, src: str | os.PathLike, shard: Optional[tuple[int, int]] = None,
+                 workers: Optional[int] = None) -> None:
+        self.src = Path(src)
+        self.workers = workers or cpu_threads()
+        self.store: Any = None
+        if not self.src.exists():
+            raise PcamError(f"{self.src}: not found")
+        if self.src.is_dir():
+            from .tiff import list_tifs
+
+            listing = list_tifs(self.src)
+            if not listing.paths:
+                raise PcamError(f"{self.src}: no .tif files found")
+            items: list[Any] = listing.paths
+            ids = listing.ids
+        else:
+            from .store import open_store
+
+            self.store = open_store(self.src)
+            ids = list(self.store.ids)
+            items = list(range(len(ids)))
+            if not ids:
+                raise PcamError(f"{self.src}: store is empty")
+        from ..submission import shard_slice
+
+        sl = shard_slice(len(ids), *shard) if shard else slice(None)
+        self.ids: list[str] = ids[sl]
+        self.items: list[Any] = items[sl]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def stain(self) -> dict:
+        """The stain normalization the images carry (tifs: none)."""
+        return self.store.stain() if self.store is not None else {"method": "none"}
+
+    def labels(self) -> Optional[np.ndarray]:
+        """int8 labels per id (-1 unknown), or ``None`` where there are none at all."""
+        if self.store is not None:
+            return np.asarray(self.store.labels)[np.asarray(self.items, np.int64)]
+        csv_path = labels_beside(self.src)
+        if not csv_path.exists():
+            return None
+        from .csvio import read_labels
+
+        table = read_labels(csv_path)
+        return np.array([table.get(i, -1) for i in self.ids], np.int8)
+
+    def subset(self, keep: Sequence[int]) -> "ImageSource":
+        """The same source restricted to positions ``keep`` (in order)."""
+        out = object.__new__(ImageSource)
+        out.__dict__.update(self.__dict__)
+        out.ids = [self.ids[i] for i in keep]
+        out.items = [self.items[i] for i in keep]
+        return out
+
+    def batches(self, size: int) -> Iterator[tuple[np.ndarray, list[Optional[BadImageError]]]]:
+        """``(images, errors)`` of ``size`` rows at a time, in id order; ``errors[i]`` is None if readable."""
+        if self.store is not None:
+            idx = np.asarray(self.items, np.int64)
+            for a in range(0, len(idx), size):
+                part = idx[a:a + size]
+                yield self.store.gather(part), [None] * len(part)
+            return
+        from .tiff import iter_batches
+
+        for b in iter_batches(self.items, size, self.workers):
+            yield b.images, b.errors
