@@ -10,7 +10,7 @@ Every method reads the same page-cached files in one run:
 * ``PIL loop``: ``np.asarray(Image.open(p))`` per file into a preallocated
   array, the usual Kaggle-kernel loader; ``pack`` should be 5x faster;
 * ``tifffile loop``: ``tifffile.imread`` per file;
-* ``pack``: :func:`pcamtool.pack` in-process, 2 workers, into a fresh temporary
+* ``pack``: :func:`pcamtool.io.pack` in-process, 2 workers, into a fresh temporary
   store (the target), and over the previous store (``force=True``) for the record.
 
 Plus the statistics kernel :func:`channel_sums` against numpy, in GB/s.
@@ -31,7 +31,7 @@ import tifffile
 from PIL import Image
 
 from pcamtool.kernels.stats import channel_sums
-from pcamtool.pack import pack
+from pcamtool.io.pack import pack
 from pcamtool.io.store import open_store
 
 ROUNDS = 5

@@ -131,7 +131,7 @@ def dataset(request: pytest.FixtureRequest) -> Dataset:
 @pytest.fixture(scope="session")
 def warm_numba(tmp_path_factory: pytest.TempPathFactory) -> None:
     """One small pack, so kernel loading (numba's disk cache) and h5py set-up are not timed."""
-    from pcamtool.pack import pack
+    from pcamtool.io.pack import pack
 
     root = tmp_path_factory.mktemp("warm")
     write_tifs(root / "train", 64, seed=2)
@@ -141,7 +141,7 @@ def warm_numba(tmp_path_factory: pytest.TempPathFactory) -> None:
 @pytest.fixture(scope="session")
 def packed_store(tmp_path_factory: pytest.TempPathFactory, warm_numba: None) -> Path:
     """An uncompressed store of ``N_STORE`` generated rows (default chunking), in page cache."""
-    from pcamtool.pack import pack
+    from pcamtool.io.pack import pack
 
     root = tmp_path_factory.mktemp("store")
     write_tifs(root / "train", N_STORE, seed=3)

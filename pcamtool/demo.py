@@ -34,7 +34,7 @@ def run_demo(folder: str | Path = "demo", n_train: int = 10000, n_test: int = 20
     from .evaluate import evaluate_submission
     from .export import export_onnx
     from .infer import predict
-    from .pack import pack
+    from .io.pack import pack
     from .submission import order_like_sample
     from .synth import generate
     from .train.loop import fit

@@ -28,3 +28,18 @@ def test_python_m_and_version():
     assert r.returncode == 0 and "pack" in r.stdout
     r = CliRunner().invoke(cli, ["--version"])
     assert r.exit_code == 0 and "pcamtool" in r.output
+
+
+def test_help_imports_no_heavy_module():
+    """``pcamtool --help`` must answer without numba, h5py, torch or onnxruntime."""
+    code = ("import sys\n"
+            "from pcamtool.cli import main\n"
+            "sys.argv = ['pcamtool', '--help']\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('numba', 'h5py', 'torch', 'onnxruntime', 'sklearn', 'matplotlib') if m in sys.modules]\n"
+            "print('HEAVY', heavy)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "HEAVY []" in r.stdout, r.stdout.splitlines()[-1]
+    for name in ("pack", "train", "infer"):
+        assert name in r.stdout

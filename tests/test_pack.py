@@ -150,8 +150,8 @@ def test_skip_bad_lists_skipped(kaggle):
 def test_decode_batches_across_chunks(kaggle, monkeypatch, chunk, batch):
     """Decoding batches need not line up with the chunks, with a file skipped or not."""
     root, ids, images, y = kaggle
-    # pcamtool.pack the module, which the package's pack function shadows as an attribute
-    monkeypatch.setattr(sys.modules["pcamtool.pack"], "DECODE_BATCH", batch)
+    # the module pcamtool.io.pack (the package exports its pack function)
+    monkeypatch.setattr(sys.modules["pcamtool.io.pack"], "DECODE_BATCH", batch)
     order = np.argsort(ids)
     res = pack(root / "train", progress=False, chunk=chunk)
     store = open_store(res.path)

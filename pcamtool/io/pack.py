@@ -19,16 +19,16 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from . import __version__
-from .io.csvio import read_labels
-from .io.sources import labels_beside
-from .system import cpu_threads
-from .errors import LabelsError, PcamError, few
-from .io.fsutil import check_writable, partial_name
-from .kernels.stats import channel_sums
-from .progress import progress_bar
-from .io.store import COMPRESSIONS, FORMAT, FORMAT_VERSION, StoreWriter, channel_stats
-from .io.tiff import iter_batches, list_tifs, read_into
+from .. import __version__
+from .csvio import read_labels
+from .sources import labels_beside
+from ..system import cpu_threads
+from ..errors import LabelsError, PcamError, few
+from .fsutil import check_writable, partial_name
+from ..kernels.stats import channel_sums
+from ..progress import progress_bar
+from .store import COMPRESSIONS, FORMAT, FORMAT_VERSION, StoreWriter, channel_stats
+from .tiff import iter_batches, list_tifs, read_into
 
 log = logging.getLogger("pcamtool")
 
@@ -256,12 +256,12 @@ def _stain_setup(method: str, reference_store: Optional[str | os.PathLike], path
         if reference_store is not None:
             raise PcamError("--stain-reference needs --stain reinhard or --stain macenko")
         return None, {"method": "none"}
-    from .stain import METHODS, StainReference, fit_reference, normalize
+    from ..stain import METHODS, StainReference, fit_reference, normalize
 
     if method not in METHODS:
         raise PcamError(f"unknown stain method {method!r} (choose from {', '.join(METHODS)})")
     if reference_store is not None:
-        from .io.store import open_store
+        from .store import open_store
 
         ref_store = open_store(reference_store)
         recorded = ref_store.stain()

@@ -1,0 +1,87 @@
+"""Commands that make and inspect data: pack, info, synth, eda."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from . import cli, log
+from .options import force_option, handle_errors, progress_enabled, skip_bad_option
+
+
+@cli.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("--labels", type=click.Path(path_type=Path), default=None,
+              help="id,label CSV (default: <SRC>_labels.csv beside SRC, if present).")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), default=None,
+              help="Store to write (default: <SRC>.h5 beside SRC).")
+@click.option("--workers", type=click.IntRange(1, 256), default=None, help="Decoding threads (default: all cores).")
+@click.option("--chunk", type=click.IntRange(1, 65536), default=512, show_default=True, help="Images per HDF5 chunk.")
+@click.option("--compression", type=click.Choice(["none", "lzf", "gzip"]), default="none", show_default=True,
+              help="'none' keeps the store memory-mappable (fastest training).")
+@click.option("--stain", type=click.Choice(["none", "reinhard", "macenko"]), default="none", show_default=True,
+              help="Stain-normalize every patch toward a reference (recorded in the store and the model).")
+@click.option("--stain-reference", type=click.Path(path_type=Path), default=None,
+              help="Store to compute the stain reference from (default: a sample of SRC).")
+@skip_bad_option
+@force_option
+@handle_errors
+def pack(src: Path, labels: Path | None, out: Path | None, workers: int | None, chunk: int,
+         compression: str, stain: str, stain_reference: Path | None, skip_bad: bool, force: bool) -> None:
+    """Pack a folder of .tif patches into one chunked HDF5 store."""
+    from ..io.pack import pack as pack_fn
+
+    res = pack_fn(src, labels=labels, out=out, workers=workers, chunk=chunk, compression=compression,
+                  skip_bad=skip_bad, force=force, stain=stain, stain_reference=stain_reference,
+                  progress=progress_enabled())
+    lab = (f"{res.n_positive:,} positive" if res.n_unlabelled < res.count else "unlabelled")
+    log.info("wrote %s: %s images (%s), %d skipped, %.1fs, %s img/s", res.path, f"{res.count:,}", lab,
+             len(res.skipped), res.seconds, f"{res.images_per_second:,.0f}")
+
+
+@cli.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON on stdout.")
+@handle_errors
+def info(store: Path, as_json: bool) -> None:
+    """Describe a store: counts, balance, statistics, layout, skipped files."""
+    from ..info import format_info, store_info
+
+    data = store_info(store)
+    click.echo(json.dumps(data, indent=2) if as_json else format_info(data))
+
+
+@cli.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--train", "n_train", type=click.IntRange(0), default=2000, show_default=True, help="Train patches.")
+@click.option("--test", "n_test", type=click.IntRange(0), default=500, show_default=True, help="Test patches.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (same seed, same output).")
+@force_option
+@handle_errors
+def synth(out: Path, n_train: int, n_test: int, seed: int, force: bool) -> None:
+    """Generate realistic synthetic H&E patches in the Kaggle layout."""
+    from ..synth import generate
+
+    res = generate(out, n_train=n_train, n_test=n_test, seed=seed, force=force, progress=progress_enabled())
+    log.info("wrote %s", res)
+
+
+@cli.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), default=Path("eda"), show_default=True,
+              help="Folder for the figures.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Look at a random N patches only.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed for samples.")
+@handle_errors
+def eda(src: Path, out: Path, limit: int | None, seed: int) -> None:
+    """Figures of a store or tif folder: balance, samples, histograms, outliers."""
+    from ..eda import load_for_eda, run_eda
+
+    images, labels, ids = load_for_eda(src, limit, seed)
+    rep = run_eda(images, labels, ids, out, seed=seed, title=src.name)
+    for p in rep.figures:
+        click.echo(str(p))
+    log.info("%s; %d near-white and %d near-black outliers (listed in %s)",
+             ", ".join(f"{k}: {v:,}" for k, v in rep.class_counts.items()), len(rep.outliers_white),
+             len(rep.outliers_black), out / "outliers.csv")
