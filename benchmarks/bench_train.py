@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pcamtool.augment import AugmentConfig, augment_batch
+from pcamtool.augment import augment_batch
+from pcamtool.config import AugmentConfig
 from pcamtool.device import Precision, autocast_context, cpu_has_native_bf16, use_channels_last
 from pcamtool.models import DEFAULT_MODEL, create_model
 from pcamtool.contract import Classifier, to_float01

@@ -18,7 +18,6 @@ Example::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
 from typing import Sequence
 
 import numpy as np
@@ -26,74 +25,8 @@ import torch
 from torch import Tensor
 
 from .errors import PcamError
+from .config import AugmentConfig
 from .tta import remap
-
-
-# ----------------------------------------------------------------------- config
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Which augmentations training applies, and how strongly (defaults chosen on real tissue).
-
-    Each augmentation has a switch and a strength; strengths are the half
-    widths of uniform distributions, drawn independently per image.
-
-    Attributes
-    ----------
-    flip
-        Random element of D4 (flips and 90-degree rotations) per image.
-    shift, shift_px
-        Random translation by up to ``shift_px`` pixels on each axis, with
-        reflected borders. Small, so the central 32x32 that decides the label
-        stays in the centre.
-    color, brightness, contrast, saturation, hue
-        Colour jitter: brightness and contrast and saturation factors in
-        ``1 +- strength``; hue rotation by ``+- hue`` turns about the grey axis.
-    hed, hed_sigma, hed_bias
-        Stain jitter in HED optical density (Tellez et al. 2019): each of the
-        haematoxylin, eosin and DAB channels becomes ``alpha * c + beta`` with
-        ``alpha ~ U(1 - hed_sigma, 1 + hed_sigma)`` and
-        ``beta ~ U(-hed_bias, hed_bias)`` (in scikit-image ``rgb2hed`` units).
-    """
-
-    flip: bool = True
-    shift: bool = False
-    shift_px: int = 4
-    color: bool = True
-    brightness: float = 0.1
-    contrast: float = 0.1
-    saturation: float = 0.1
-    hue: float = 0.02
-    hed: bool = False
-    hed_sigma: float = 0.05
-    hed_bias: float = 0.01
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if f.type in ("bool", bool):
-                if not isinstance(v, (bool, np.bool_)):
-                    raise PcamError(f"augment.{f.name} must be true or false, got {v!r}")
-            elif not isinstance(v, (int, float, np.integer, np.floating)) or isinstance(v, bool) \
-                    or not math.isfinite(v) or v < 0:
-                raise PcamError(f"augment.{f.name} must be a non-negative number, got {v!r}")
-        if self.shift_px != int(self.shift_px) or self.shift_px > 32:
-            raise PcamError(f"augment.shift_px must be a whole number of pixels up to 32, got {self.shift_px}")
-        for name in ("brightness", "contrast", "saturation", "hed_sigma"):
-            if getattr(self, name) >= 1:
-                raise PcamError(f"augment.{name} must be below 1 (a factor of 1 +- strength), got {getattr(self, name)}")
-        if self.hue > 0.5:
-            raise PcamError(f"augment.hue is in turns and must be at most 0.5, got {self.hue}")
-
-    @classmethod
-    def off(cls) -> "AugmentConfig":
-        """No augmentation at all."""
-        return cls(flip=False, shift=False, color=False, hed=False)
-
-    @property
-    def enabled(self) -> bool:
-        return self.flip or self.shift or self.color or self.hed
 
 
 # ------------------------------------------------------------------ transforms

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pcamtool import pack
-from pcamtool.augment import AugmentConfig
+from pcamtool.config import AugmentConfig
 from pcamtool.train.checkpoint import build_model, load_checkpoint
 from pcamtool.config import TrainConfig
 from pcamtool.errors import PcamError

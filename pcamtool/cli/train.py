@@ -73,7 +73,7 @@ def train(store: Path | None, resume: Path | None, **opts: Any) -> None:
     """Train a CNN on a store (default data/train.h5); writes a run folder."""
     import dataclasses
 
-    from ..augment import AugmentConfig
+    from ..config import AugmentConfig
     from ..config import TrainConfig
     from ..train.loop import fit
 
