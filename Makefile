@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench fuzz gpu-check install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,23 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest benchmarks -q --benchmark-columns=min,median,ops --benchmark-sort=name
+
+# The TIFF reader fuzzed for FUZZ_SECONDS (default 600): mutated real headers
+# and IFDs, each read in a bounds-checked worker process (tests/test_fuzz_tiff.py).
+fuzz: $(STAMP)
+	PCAMTOOL_FUZZ_SECONDS=$${FUZZ_SECONDS:-600} $(BIN)/python -m pytest -q -s tests/test_fuzz_tiff.py -k fuzzed
+
+# The GPU paths, measured on a machine with an NVIDIA GPU (benchmarks/gpu-results.md
+# and .json); elsewhere one line and exit 0. A GPU machine whose python3 already
+# has torch, h5py, numba and onnxruntime (the lent ones, which reach no package
+# index) runs it with that python3; any other installs the venv first. Carry an
+# onnxruntime-gpu wheel there for the CUDA/TensorRT providers (see README).
+gpu-check:
+	@if ! nvidia-smi -L >/dev/null 2>&1; then \
+	  echo "gpu-check: no NVIDIA GPU on this machine (nvidia-smi finds none); nothing measured"; exit 0; fi; \
+	if python3 -c "import torch, h5py, numba, tifffile, click, onnx, onnxruntime, sklearn, tqdm" 2>/dev/null; then \
+	  PYTHONPATH="$(CURDIR):$$PYTHONPATH" python3 benchmarks/gpu_check.py; \
+	else $(MAKE) install && $(BIN)/python benchmarks/gpu_check.py; fi
 
 clean:
 	rm -rf $(VENV) demo

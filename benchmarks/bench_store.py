@@ -11,6 +11,11 @@ same indices in one run:
 * ``h5py ds[sorted idx]``: h5py fancy indexing (indices must be increasing),
   the slow baseline, timed on a few batches only.
 
+And what checking a store costs: ``open_store`` (its checks of every open
+included) and ``info --check`` (every pixel read and summed), against a
+plain sequential ``Store.gather`` of every row, which ``--check`` should
+stay within a small factor of.
+
 Example::
 
     .venv/bin/pytest benchmarks/bench_store.py -q
@@ -23,6 +28,7 @@ import h5py
 import numpy as np
 import pytest
 
+from pcamtool.info import store_info
 from pcamtool.io.store import Store, open_store
 
 BATCH = 256
@@ -92,3 +98,23 @@ def test_h5py_fancy(benchmark, store: Store, batches: list[np.ndarray], in_ram: 
         benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     record(benchmark, "store", f"{len(store)} rows, batch {BATCH}", "h5py ds[sorted idx]",
            BATCH * len(few))
+
+
+def test_open_store(benchmark, store: Store, record) -> None:
+    benchmark.group = "store-check"
+    benchmark.pedantic(open_store, args=(store.path,), rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    record(benchmark, "store-check", f"{len(store)} rows", "open_store", 1, "opens/s")
+
+
+def test_sequential_gather(benchmark, store: Store, record) -> None:
+    benchmark.group = "store-check"
+    benchmark.pedantic(lambda: list(store.chunks()), rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    record(benchmark, "store-check", f"{len(store)} rows", "Store.chunks (every row)", len(store))
+
+
+def test_info_check(benchmark, store: Store, record) -> None:
+    benchmark.group = "store-check"
+    res = benchmark.pedantic(store_info, args=(store.path,), kwargs={"outliers": False, "check": True},
+                             rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    assert res["check"] == "passed"
+    record(benchmark, "store-check", f"{len(store)} rows", "info --check", len(store))

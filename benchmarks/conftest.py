@@ -19,7 +19,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import pytest
@@ -37,6 +37,35 @@ TARGETS = {
     ("pack", "pack", "PIL loop"): 5.0,
     ("store", "Store.gather", "numpy arr[idx]"): 0.5,
 }
+
+
+# --------------------------------------------------------------------------
+# Header: the machine, so that every table of ratios says where it came from.
+
+# doctor's /proc/cpuinfo flag -> the feature name the tables use
+_FEATURES = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "VNNI", "avx512_bf16": "BF16", "amx_tile": "AMX"}
+
+
+def machine_line() -> str:
+    """``CPU: <model>, N threads; features: AVX2 yes, ...; torch CPU precision: fp32 (reason)``."""
+    from pcamtool.device import Precision
+    from pcamtool.doctor import cpu_info
+
+    info = cpu_info()
+    found = ", ".join(f"{name} {'yes' if info['flags'].get(flag) else 'no'}" for flag, name in _FEATURES.items())
+    try:
+        import torch
+
+        isa = f"; torch kernels: {torch.backends.cpu.get_cpu_capability()}"
+    except Exception:  # an old torch without the probe: the flags above still say it
+        isa = ""
+    precision = Precision.for_device("cpu")
+    return (f"CPU: {info['model']}, {info['threads']} threads; features: {found}{isa}\n"
+            f"training precision on this CPU: {precision.reason or precision.name}")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return machine_line()
 
 
 # --------------------------------------------------------------------------
@@ -180,6 +209,11 @@ class Recorder:
         benchmark.extra_info["rate_unit"] = unit
         benchmark.extra_info["rate_best"] = round(best, 3)
         benchmark.extra_info["rate_median"] = round(median, 3)
+        return self.rate(area, case, method, best, median, unit)
+
+    def rate(self, area: str, case: str, method: str, best: float, median: float,
+             unit: str = "images/s") -> float:
+        """Store rates timed without pytest-benchmark (e.g. variants timed in turns); returns ``best``."""
         self.table.setdefault((area, case), {})[method] = (best, median, unit)
         return best
 
@@ -188,6 +222,12 @@ class Recorder:
 def record(request: pytest.FixtureRequest) -> Recorder:
     """``record(benchmark, area, case, method, amount, unit)`` after a benchmark ran."""
     return Recorder(request.config.stash.setdefault(_RATES, {}))
+
+
+@pytest.fixture
+def record_rate(request: pytest.FixtureRequest) -> Callable[..., float]:
+    """``record_rate(area, case, method, best, median, unit)``: a rate timed by the benchmark itself."""
+    return Recorder(request.config.stash.setdefault(_RATES, {})).rate
 
 
 def _fmt(x: float) -> str:

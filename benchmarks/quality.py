@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 
 from pcamtool import open_store, pack
-from pcamtool.config import AugmentConfig
 from pcamtool.config import TrainConfig
 from pcamtool.io.csvio import read_labels
 from pcamtool.evaluate import evaluate_arrays

@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
@@ -46,13 +47,6 @@ def _uniform(gen: torch.Generator, shape: Sequence[int], half_width: float, cent
     return (center + half_width * (2 * u - 1)).to(device=device, dtype=dtype)
 
 
-
-def random_dihedral(x: Tensor, gen: torch.Generator) -> Tensor:
-    """A uniformly random element of D4 per image of an NCHW batch."""
-    ks = torch.randint(0, 8, (x.shape[0],), generator=gen, device=gen.device)
-    return remap(x, ks, None, 0)
-
-
 def random_shift(x: Tensor, max_px: int, gen: torch.Generator) -> Tensor:
     """Translate each image by up to ``max_px`` pixels per axis, borders reflected."""
     if max_px <= 0:
@@ -63,6 +57,22 @@ def random_shift(x: Tensor, max_px: int, gen: torch.Generator) -> Tensor:
 
 # ITU-R BT.601 luma, as torchvision's grayscale
 _LUMA = (0.299, 0.587, 0.114)
+# hue rotation about the grey axis k = (1, 1, 1) / sqrt(3): its cross-product matrix
+_HUE_KX = ((0.0, -1.0, 1.0), (1.0, 0.0, -1.0), (-1.0, 1.0, 0.0))
+
+
+@lru_cache(maxsize=None)
+def _colour_constants(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Identity, luma row, hue cross-product matrix and ``k k^T``, made once per device and dtype.
+
+    Built per batch they would be a host-to-device copy each, which on a GPU
+    waits for the copy (a synchronisation inside the training step).
+    """
+    eye = torch.eye(3, device=device, dtype=dtype)
+    luma = torch.tensor(_LUMA, device=device, dtype=dtype)
+    kx = torch.tensor(_HUE_KX, device=device, dtype=dtype) / math.sqrt(3)
+    kk = torch.full((3, 3), 1 / 3, device=device, dtype=dtype)
+    return eye, luma, kx, kk
 
 
 def color_jitter(x: Tensor, brightness: float, contrast: float, saturation: float, hue: float,
@@ -78,17 +88,15 @@ def color_jitter(x: Tensor, brightness: float, contrast: float, saturation: floa
     """
     b, c, h, w = x.shape
     dev, dt = x.device, x.dtype
-    eye = torch.eye(3, device=dev, dtype=dt).expand(b, 3, 3)
-    luma = torch.tensor(_LUMA, device=dev, dtype=dt)
+    eye3, luma, kx, kk = _colour_constants(dev, dt)
+    eye = eye3.expand(b, 3, 3)
     m = eye
     if saturation > 0:
         s = _uniform(gen, (b, 1, 1), saturation, 1.0, dev, dt)
         m = (s * eye + (1 - s) * luma.view(1, 1, 3)) @ m
     if hue > 0:
         theta = _uniform(gen, (b, 1, 1), hue, 0.0, dev, dt) * (2 * math.pi)
-        k = torch.full((3,), 1 / math.sqrt(3), device=dev, dtype=dt)
-        kx = torch.tensor([[0.0, -1.0, 1.0], [1.0, 0.0, -1.0], [-1.0, 1.0, 0.0]], device=dev, dtype=dt) / math.sqrt(3)
-        rot = torch.cos(theta) * eye + torch.sin(theta) * kx + (1 - torch.cos(theta)) * torch.outer(k, k)
+        rot = torch.cos(theta) * eye + torch.sin(theta) * kx + (1 - torch.cos(theta)) * kk
         m = rot @ m
     if brightness > 0:
         m = _uniform(gen, (b, 1, 1), brightness, 1.0, dev, dt) * m
@@ -111,18 +119,25 @@ _OD_FLOOR = 1e-6                     # scikit-image's floor before the log
 _OD_SCALE = -math.log(_OD_FLOOR)     # its unit: stains = ln(rgb) / ln(1e-6) @ hed_from_rgb
 
 
+@lru_cache(maxsize=None)
+def _hed_matrices(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``RGB_FROM_HED`` and ``HED_FROM_RGB`` on ``device``, copied there once."""
+    return (torch.as_tensor(RGB_FROM_HED, dtype=dtype, device=device),
+            torch.as_tensor(HED_FROM_RGB, dtype=dtype, device=device))
+
+
 def rgb_to_hed(x01: Tensor) -> Tensor:
     """NCHW RGB in ``[0, 1]`` -> HED stain concentrations (scikit-image ``rgb2hed`` units, unclipped)."""
     b, c, h, w = x01.shape
     od = torch.log(x01.clamp_min(_OD_FLOOR)).reshape(b, c, h * w) / -_OD_SCALE
-    m = torch.as_tensor(HED_FROM_RGB.T, dtype=x01.dtype, device=x01.device)
+    m = _hed_matrices(x01.device, x01.dtype)[1].T
     return (m @ od).view(b, 3, h, w)
 
 
 def hed_to_rgb(hed: Tensor) -> Tensor:
     """Inverse of :func:`rgb_to_hed` (``hed2rgb``), clipped to ``[0, 1]``."""
     b, c, h, w = hed.shape
-    m = torch.as_tensor(RGB_FROM_HED.T, dtype=hed.dtype, device=hed.device)
+    m = _hed_matrices(hed.device, hed.dtype)[0].T
     return torch.exp((m @ hed.reshape(b, c, h * w)) * -_OD_SCALE).clamp_(0.0, 1.0).view(b, 3, h, w)
 
 
@@ -139,8 +154,7 @@ def hed_jitter(x: Tensor, sigma: float, bias: float, gen: torch.Generator) -> Te
     dev, dt = x.device, x.dtype
     alpha = _uniform(gen, (b, 3), sigma, 1.0, dev, dt)
     beta = _uniform(gen, (b, 3), bias, 0.0, dev, dt)
-    h2r = torch.as_tensor(RGB_FROM_HED, dtype=dt, device=dev)
-    r2h = torch.as_tensor(HED_FROM_RGB, dtype=dt, device=dev)
+    h2r, r2h = _hed_matrices(dev, dt)
     # row vectors: od' = od @ (r2h diag(alpha) h2r) + scale * beta @ h2r, with od = -ln(x);
     # as columns on the (B, 3, H*W) view that is mat^T @ od + off^T
     mat_t = (r2h.unsqueeze(0) @ (alpha.unsqueeze(-1) * h2r.unsqueeze(0))).transpose(1, 2)

@@ -1,20 +1,26 @@
 """Frozen, validated configurations: training and its augmentation.
 
-The CLI turns options into keyword arguments for :class:`TrainConfig`; the
-library never sees a parsed-argument namespace. ``config.json`` in a run
-folder is ``TrainConfig.to_dict()`` with everything resolved.
+The CLI hands its options to :meth:`TrainConfig.from_options`; the library
+never sees a parsed-argument namespace. Every check lives in the dataclasses
+themselves, so a config built in Python or read back from a run's
+``config.json`` (``TrainConfig.from_dict(..., source=path)``) is held to the
+same rules as one from the command line, and a bad value is one line naming
+the option. ``config.json`` in a run folder is ``TrainConfig.to_dict()``
+with everything resolved.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
 from .errors import PcamError
-from .models import DEFAULT_MODEL
+from .models import DEFAULT_MODEL, resolve_model_args, transfer_kwargs
+from .system import cpu_threads
 
 @dataclass(frozen=True)
 class AugmentConfig:
@@ -102,9 +108,76 @@ def auto_epochs(n_train: int) -> int:
     return int(min(AUTO_MAX_EPOCHS, max(AUTO_MIN_EPOCHS, round(AUTO_SAMPLES / n_train))))
 
 
+# Above this many torch threads per core, extra threads only contend; far
+# above it libgomp fails to create them (an ImportError or a segfault deep in
+# torch, depending on the ulimit).
+THREADS_PER_CORE = 4
+
+
+def max_threads() -> int:
+    """The most CPU threads ``--threads`` accepts: THREADS_PER_CORE per usable core."""
+    return THREADS_PER_CORE * cpu_threads()
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_number(v: Any) -> bool:
+    return _is_int(v) or isinstance(v, (float, np.floating))
+
+
+# What each annotated type accepts, and how a message calls it.
+_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "int": (_is_int, "a whole number"),
+    "float": (_is_number, "a number"),
+    "str": (lambda v: isinstance(v, str), "text"),
+    "bool": (lambda v: isinstance(v, (bool, np.bool_)), "true or false"),
+    "dict[str, Any]": (lambda v: isinstance(v, dict), "a mapping"),
+    "AugmentConfig": (lambda v: isinstance(v, AugmentConfig), "an AugmentConfig"),
+}
+
+# Command-line spelling of the fields whose option is not simply --field-name.
+_FLAGS = {"store": "STORE", "out": "--output", "warmup_frac": "--warmup", "model_kwargs": "--model-arg",
+          "brightness": "--color-strength",
+          "contrast": "--color-strength", "saturation": "--color-strength", "hue": "--color-strength"}
+
+
+def flag(name: str) -> str:
+    """How the user spells the option behind config field ``name`` (``warmup_frac`` -> ``--warmup``)."""
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def option_flags(overrides: dict[str, Any]) -> list[str]:
+    """The options behind an ``overrides`` dict (see :meth:`TrainConfig.from_options`), for messages."""
+    names: list[str] = []
+    for key, value in overrides.items():
+        for k in (value if key == "augment" else [key]):
+            if flag(k) not in names:
+                names.append(flag(k))
+    return names
+
+
+# Options of `pcamtool train` that are not TrainConfig fields by the same name.
+_RENAMED = {"compile_": "compile", "export_": "export"}
+_PATHS = ("store", "out", "val_store", "groups", "init_weights", "pretrained")
+_COLOR = ("brightness", "contrast", "saturation", "hue")
+# Options that choose the validation split; --val-store replaces the split.
+_SPLIT = ("val_frac", "folds", "fold", "groups")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that decides a training run (defaults chosen on real tissue; see README)."""
+    """Everything that decides a training run (defaults chosen on real tissue; see README).
+
+    Raises
+    ------
+    PcamError
+        On construction, a value of the wrong type or out of range, naming
+        the command-line option (``--lr must be a finite positive number``),
+        an unknown model or model argument, or a ``groups`` file that does
+        not exist.
+    """
 
     store: str = "data/train.h5"
     out: Optional[str] = None             # run folder; default runs/<time>-<arch>
@@ -134,30 +207,145 @@ class TrainConfig:
     init_weights: Optional[str] = None
     export: bool = False                  # export best.pt to model.onnx at the end
     max_train: Optional[int] = None       # use at most this many training rows (quick runs)
+    pretrained: Optional[str] = None      # timm: networks: "hub" (timm's download) or a local weights file
+    img_size: int = 96                    # timm: networks: side the network sees (upscaled inside the graph)
+    freeze_epochs: Optional[int] = None   # None: train.finetune.default_recipe (1 with pretrained weights, else 0)
+    lr_backbone_mult: Optional[float] = None  # None: default_recipe (0.1 with pretrained weights, else 1)
 
     def __post_init__(self) -> None:
+        self._check_types()
+        folds = self.folds
         checks = [
             (self.epochs is None or self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
-            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
-            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (math.isfinite(self.lr) and self.lr > 0, f"--lr must be a finite positive number, got {self.lr}"),
+            (math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+             f"--weight-decay must be a finite number >= 0, got {self.weight_decay}"),
             (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r} ({', '.join(OPTIMIZERS)})"),
             (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r} ({', '.join(SCHEDULES)})"),
             (0 <= self.warmup_frac < 1, f"--warmup must be in [0, 1), got {self.warmup_frac}"),
             (0 <= self.label_smoothing < 0.5, f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}"),
             (0 <= self.ema < 1, f"--ema must be in [0, 1), got {self.ema}"),
             (self.patience >= 0, f"--patience must be >= 0, got {self.patience}"),
+            (0 < self.val_frac < 1, f"--val-frac must be between 0 and 1 (both excluded), got {self.val_frac}"),
+            (folds is not None or self.fold == 0, f"--fold {self.fold} needs --folds (the number of folds)"),
+            (folds is None or folds >= 2, f"--folds must be at least 2, got {folds}"),
+            (folds is None or 0 <= self.fold < folds,
+             f"--fold {self.fold} is not one of the {folds} folds (0 to {(folds or 1) - 1})"),
+            (self.threads is None or 1 <= self.threads <= max_threads(),
+             f"--threads must be between 1 and {max_threads()} ({THREADS_PER_CORE} per core this process "
+             f"may use), got {self.threads}"),
+            (self.max_train is None or self.max_train >= 1, f"--max-train must be at least 1, got {self.max_train}"),
+            (self.groups is None or os.path.isfile(self.groups), f"--groups {self.groups}: file not found"),
+            (self.freeze_epochs is None or self.freeze_epochs >= 0,
+             f"--freeze-epochs must be >= 0, got {self.freeze_epochs}"),
+            (self.lr_backbone_mult is None or 0 < self.lr_backbone_mult <= 1,
+             f"--lr-backbone-mult must be in (0, 1], got {self.lr_backbone_mult}"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise PcamError(msg)
+        self.resolved_model_args()
+
+    def resolved_model_args(self) -> dict[str, Any]:
+        """Every argument of the model factory, defaults filled in (what checkpoints record)."""
+        return resolve_model_args(self.arch, transfer_kwargs(self.arch, self.model_kwargs, self.pretrained,
+                                                             self.img_size))
+
+    def _check_types(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kind = str(f.type)
+            if kind.startswith("Optional["):
+                if value is None:
+                    continue
+                kind = kind[len("Optional["):-1]
+            accepts, what = _TYPES[kind]
+            if not accepts(value):
+                raise PcamError(f"{flag(f.name)} must be {what}, got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        d = dict(d)
-        d["augment"] = AugmentConfig(**d.get("augment", {}))
+    def from_dict(cls, d: dict[str, Any], source: Optional[str | os.PathLike] = None) -> "TrainConfig":
+        """The config ``to_dict`` wrote (unknown keys ignored, so older files still load).
+
+        ``source`` (e.g. the ``config.json`` path) prefixes every error message.
+
+        Raises
+        ------
+        PcamError
+            ``d`` is not a mapping, or a value fails validation.
+        """
+        where = f"{source}: " if source is not None else ""
+        if not isinstance(d, dict) or not isinstance(d.get("augment", {}), dict):
+            raise PcamError(f"{where}not a training configuration (expected a JSON object with an "
+                            f"'augment' object)")
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        aug_known = {f.name for f in dataclasses.fields(AugmentConfig)}
+        try:
+            augment = AugmentConfig(**{k: v for k, v in d.get("augment", {}).items() if k in aug_known})
+            return cls(**{**{k: v for k, v in d.items() if k in known}, "augment": augment})
+        except PcamError as exc:
+            raise PcamError(f"{where}{exc}") from None
+
+    @classmethod
+    def from_options(cls, **opts: Any) -> tuple["TrainConfig", dict[str, Any]]:
+        """A validated config from the options of ``pcamtool train``, and which of them the user gave.
+
+        Parameters
+        ----------
+        **opts
+            The command's options by their Python names: TrainConfig field
+            names, ``compile_`` and ``export_`` (the CLI's names for
+            ``compile`` and ``export``), the AugmentConfig field names
+            (``flip``, ``hed_sigma``, ...) and ``color_strength`` (scales
+            the four colour jitters of the default recipe). None or ``{}``
+            means not given; paths may be ``Path`` objects.
+
+        Returns
+        -------
+        (TrainConfig, dict)
+            The config, and ``overrides``: each option the user gave, by
+            TrainConfig field name, with the value it got (``"store"`` when
+            a store was given; ``"augment"`` maps to the AugmentConfig fields
+            given, ``--color-strength`` showing as the four it scales).
+            :func:`option_flags` spells them back as options for messages.
+
+        Raises
+        ------
+        PcamError
+            As the constructor; also ``--fold`` without ``--folds``,
+            split options beside ``--val-store`` (which replaces the split),
+            a ``--color-strength`` the colour jitters cannot take, or an
+            option this config does not know.
+        """
+        given = {_RENAMED.get(k, k): v for k, v in opts.items() if v is not None and v != {}}
+        aug_names = {f.name for f in fields(AugmentConfig)}
+        known = {f.name for f in fields(cls)} - {"augment"}
+        unknown = sorted(set(given) - known - aug_names - {"color_strength"})
+        if unknown:
+            raise PcamError(f"unknown training option(s): {', '.join(unknown)}")
+        if "fold" in given and "folds" not in given:
+            raise PcamError(f"--fold {given['fold']} needs --folds (the number of folds)")
+        split = [flag(k) for k in _SPLIT if k in given]
+        if "val_store" in given and split:
+            raise PcamError(f"--val-store replaces the train/validation split: {', '.join(split)} "
+                            f"would have no effect")
+        aug: dict[str, Any] = {}
+        strength = given.pop("color_strength", None)
+        if strength is not None:
+            base = {k: getattr(AugmentConfig(), k) for k in _COLOR}
+            limit = 1 / max(base.values())  # a jitter factor of 1 +- strength must stay positive
+            if not _is_number(strength) or not 0 <= strength < limit:
+                raise PcamError(f"--color-strength must be >= 0 and below {limit:g}, got {strength}")
+            aug = {k: v * strength for k, v in base.items()}
+        aug.update({k: given.pop(k) for k in list(given) if k in aug_names})
+        for key in _PATHS:
+            if key in given:
+                given[key] = os.fspath(given[key])
+        overrides = dict(given)
+        if aug:
+            overrides["augment"] = dict(aug)
+        return cls(**given, augment=AugmentConfig(**aug)), overrides

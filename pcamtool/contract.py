@@ -33,10 +33,8 @@ def to_float01(x: Tensor, memory_format: torch.memory_format = torch.contiguous_
 
     The input may be in any memory layout (a plain NHWC batch, or a
     ``channels_last`` view); the output is in ``memory_format``, contiguous
-    NCHW by default. That default matters on the CPU: a channels-last input
-    makes oneDNN run the whole network channels-last, which measured ~35%
-    slower for our models on the reference machine; a GPU run converts the
-    augmented batch to channels-last itself (:mod:`pcamtool.device`).
+    NCHW by default; training converts the augmented batch to the memory
+    format :mod:`pcamtool.device` chose (channels-last on CPUs and GPUs).
 
     Raises
     ------

@@ -3,10 +3,13 @@
 Writes the figures users otherwise make by hand in notebooks: class balance,
 sample patches per class with the central 32x32 square outlined, per-channel
 intensity histograms by class, and the blank/outlier patches (near-white
-glass, near-black) with their ids in ``outliers.csv``.
+glass, near-black) with their ids in ``outliers.csv``. A folder that already
+holds them is refused unless ``force``; unreadable tifs fail the run unless
+``skip_bad`` (then they are named in one warning), as in ``pack``.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,13 +17,17 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .errors import PcamError
+from .errors import ExistsError, PcamError, few
+from .io.fsutil import atomic_path
+
+log = logging.getLogger("pcamtool")
 
 WHITE_MEAN = 220.0   # mean intensity above which a patch is (almost) only glass
 WHITE_STD = 12.0     # ... and nearly flat
 BLACK_MEAN = 30.0    # mean intensity below which a patch is a scanning artefact
 CLASS_NAMES = {0: "normal (0)", 1: "tumour (1)", -1: "unlabelled"}
 CLASS_COLOURS = {0: "#3b7dd8", 1: "#d8453b", -1: "#777777"}
+OUTPUTS = ("class_balance.png", "samples.png", "channel_histograms.png", "outliers.png", "outliers.csv")
 
 
 @dataclass(frozen=True)
@@ -45,23 +52,50 @@ def find_outliers(images: np.ndarray, chunk: int = 1024) -> tuple[np.ndarray, np
     return white, black
 
 
-def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.stem}.partial.png")
-    fig.savefig(tmp, dpi=110, format="png")
-    os.replace(tmp, path)
+def _save(fig, path: Path, force: bool) -> Path:
+    with atomic_path(path, force=force) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")  # the temporary's suffix is not .png: say it
     return path
 
 
+def check_outputs(out_dir: str | os.PathLike, force: bool) -> None:
+    """Refuse a folder holding eda's outputs already (unless ``force``), before any work is done."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise PcamError(f"{out}: not a folder (eda writes several files into a folder)")
+    there = [name for name in OUTPUTS if os.path.lexists(out / name)]
+    if there and not force:
+        raise ExistsError(out, f"already holds {few(there)}")
+
+
+def eda(src: str | os.PathLike, out_dir: str | os.PathLike, limit: Optional[int] = None, seed: int = 0,
+        force: bool = False, skip_bad: bool = False) -> EdaReport:
+    """Look at a store or tif folder: write the figures and ``outliers.csv`` into ``out_dir``.
+
+    Raises
+    ------
+    ExistsError
+        ``out_dir`` holds eda's outputs already and ``force`` is false.
+    PcamError
+        Bad source, or an unreadable tif without ``skip_bad``.
+    """
+    check_outputs(out_dir, force)
+    images, labels, ids = load_for_eda(src, limit, seed, skip_bad=skip_bad)
+    return run_eda(images, labels, ids, out_dir, seed=seed, title=Path(src).resolve().name, force=force)
+
+
 def run_eda(images: np.ndarray, labels: Optional[np.ndarray], ids: Sequence[str], out_dir: str | os.PathLike,
-            sample_per_class: int = 16, seed: int = 0, title: str = "") -> EdaReport:
-    """Write the EDA figures for ``images`` into ``out_dir``."""
+            sample_per_class: int = 16, seed: int = 0, title: str = "", force: bool = False) -> EdaReport:
+    """Write the EDA figures for ``images`` into ``out_dir`` (existing ones only with ``force``)."""
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
+
+    from .io.csvio import write_table
 
     if len(images) == 0:
         raise PcamError("no images to look at")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_outputs(out, force)
     y = np.full(len(images), -1, np.int8) if labels is None else np.asarray(labels, np.int8)
     classes = [c for c in (0, 1, -1) if (y == c).any()]
     counts = {CLASS_NAMES[c]: int((y == c).sum()) for c in classes}
@@ -77,7 +111,7 @@ def run_eda(images: np.ndarray, labels: Optional[np.ndarray], ids: Sequence[str]
     ax.set_ylim(0, max(counts.values()) * 1.2)
     ax.set_title(f"Class balance{' - ' + title if title else ''} (n={len(y):,})")
     fig.tight_layout()
-    figs.append(_save(fig, out / "class_balance.png"))
+    figs.append(_save(fig, out / "class_balance.png", force))
 
     cols = 8
     rows_per = -(-sample_per_class // cols)
@@ -95,7 +129,7 @@ def run_eda(images: np.ndarray, labels: Optional[np.ndarray], ids: Sequence[str]
                 ax.set_ylabel(CLASS_NAMES[c], fontsize=8)
     fig.suptitle("Sample patches (the label is about the outlined central 32x32)", fontsize=10)
     fig.tight_layout()
-    figs.append(_save(fig, out / "samples.png"))
+    figs.append(_save(fig, out / "samples.png", force))
 
     fig = Figure(figsize=(12, 3.6))
     bins = np.arange(257)
@@ -113,15 +147,13 @@ def run_eda(images: np.ndarray, labels: Optional[np.ndarray], ids: Sequence[str]
             ax.legend(fontsize=8)
     fig.suptitle("Per-channel intensity by class", fontsize=10)
     fig.tight_layout()
-    figs.append(_save(fig, out / "channel_histograms.png"))
+    figs.append(_save(fig, out / "channel_histograms.png", force))
 
     white, black = find_outliers(images)
     bad = np.flatnonzero(white | black)
     means = images.reshape(len(images), -1).mean(1)
-    lines = ["id,kind,mean"] + [f"{ids[i]},{'white' if white[i] else 'black'},{means[i]:.1f}" for i in bad]
-    tmp = out / ".outliers.csv.partial"
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, out / "outliers.csv")
+    write_table(out / "outliers.csv", ("id", "kind", "mean"),
+                ((ids[i], "white" if white[i] else "black", f"{means[i]:.1f}") for i in bad), force=force)
     show = bad[:24]
     fig = Figure(figsize=(cols * 1.3, max(1, -(-len(show) // cols)) * 1.5 + 0.5))
     if len(show):
@@ -136,13 +168,19 @@ def run_eda(images: np.ndarray, labels: Optional[np.ndarray], ids: Sequence[str]
     else:
         fig.text(0.5, 0.5, "no near-white or near-black patches", ha="center")
     fig.tight_layout()
-    figs.append(_save(fig, out / "outliers.png"))
+    figs.append(_save(fig, out / "outliers.png", force))
     return EdaReport(out, figs, counts, [ids[i] for i in np.flatnonzero(white)], [ids[i] for i in np.flatnonzero(black)])
 
 
-def load_for_eda(src: str | os.PathLike, limit: Optional[int] = None, seed: int = 0
+def load_for_eda(src: str | os.PathLike, limit: Optional[int] = None, seed: int = 0, skip_bad: bool = False
                  ) -> tuple[np.ndarray, Optional[np.ndarray], list[str]]:
-    """Images, labels and ids from a store or a tif folder (a random ``limit`` of them if given)."""
+    """Images, labels and ids from a store or a tif folder (a random ``limit`` of them if given).
+
+    Raises
+    ------
+    BadImageError
+        The first unreadable tif, unless ``skip_bad`` (then one warning names them).
+    """
     from .io.sources import ImageSource
 
     source = ImageSource(src)
@@ -152,10 +190,17 @@ def load_for_eda(src: str | os.PathLike, limit: Optional[int] = None, seed: int 
     images = np.empty((len(source), 96, 96, 3), np.uint8)
     ok = np.ones(len(source), bool)
     pos = 0
+    bad: list[str] = []
     for batch, errors in source.batches(512):
         images[pos:pos + len(batch)] = batch
         ok[pos:pos + len(batch)] = [e is None for e in errors]
         pos += len(batch)
+        found = [e for e in errors if e is not None]
+        if found and not skip_bad:
+            raise found[0]
+        bad.extend(os.path.basename(e.path) for e in found)
+    if bad:
+        log.warning("%s: skipped %d unreadable image(s): %s", src, len(bad), few(bad))
     labels = source.labels()
     ids = [i for i, k in zip(source.ids, ok) if k]
     return images[ok], (labels[ok] if labels is not None else None), ids

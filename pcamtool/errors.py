@@ -33,6 +33,10 @@ class LabelsError(PcamError):
     """A labels CSV is malformed or does not match the images."""
 
 
+class ImageFolderError(PcamError):
+    """A folder of tifs is missing, empty, or names two files with the same id (``a.tif``, ``a.tiff``)."""
+
+
 class StoreError(PcamError):
     """A store is missing, truncated, of another format, or lacks what is asked of it."""
 
@@ -41,13 +45,25 @@ class ModelError(PcamError):
     """A checkpoint or ONNX model is missing, foreign, or does not fit the data."""
 
 
+class BusyError(PcamError):
+    """An output is being written by another process right now."""
+
+
 class ExistsError(PcamError):
     """An output already exists and ``force`` was not given."""
 
-    def __init__(self, path: object) -> None:
+    def __init__(self, path: object, problem: str = "already exists") -> None:
         self.path = str(path)
-        super().__init__(f"{path}: already exists (use --force to overwrite)")
+        super().__init__(f"{path}: {problem} (use --force to overwrite)")
 
 
 class TrainingError(PcamError):
     """Training cannot go on (NaN loss, out of memory, mismatched resume)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, caught where the work could stop cleanly; the message says what was kept.
+
+    A ``KeyboardInterrupt`` (not a :class:`PcamError`), so whatever already
+    handles Ctrl-C still does; the CLI prints the message and exits 130.
+    """

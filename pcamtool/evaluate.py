@@ -1,13 +1,16 @@
-"""Score a submission against an answer key: ROC AUC (Kaggle's metric) and more.
+"""Score probabilities against labels: ROC AUC (Kaggle's metric), loss, accuracy, the ROC curve.
 
-Beside the AUC the report gives the accuracy and confusion matrix at the
-0.5 threshold and at the threshold that maximizes Youden's J (TPR - FPR),
-and can draw the ROC curve.
+:func:`binary_metrics` is the one place loss, AUC and accuracy are computed:
+training validates every epoch through it, and :func:`evaluate_arrays` /
+:func:`evaluate_submission` build their report on it. Beside the AUC the
+report gives the accuracy and confusion matrix at the 0.5 threshold and at
+the threshold that maximizes Youden's J (TPR - FPR), and can draw the ROC
+curve.
 
 Example::
 
     from pcamtool.evaluate import evaluate_submission
-    report = evaluate_submission("submission.csv", "data/test_labels.csv", roc_png="roc.png")
+    report = evaluate_submission("submission.csv", "data/test_labels.csv", roc_png="roc.png", force=True)
     print(report.format())
 
 A prediction counts as positive when its probability is ``>= threshold``
@@ -24,9 +27,48 @@ import numpy as np
 
 from .io.csvio import read_id_table
 from .errors import PcamError, few
-from .io.fsutil import atomic_path
+from .io.fsutil import atomic_path, check_writable
 
 DEFAULT_THRESHOLD = 0.5
+# Probabilities are clipped this far from 0 and 1 before the log loss, so one
+# confident mistake costs at most -log(1e-7) = 16.1 instead of infinity.
+PROB_EPS = 1e-7
+
+
+def binary_metrics(probs: np.ndarray, labels: np.ndarray,
+                   threshold: float = DEFAULT_THRESHOLD) -> dict[str, float]:
+    """Mean binary cross-entropy, ROC AUC and accuracy of probabilities against 0/1 labels.
+
+    Unchecked and cheap (a sort for the AUC): the caller vouches for its
+    inputs, as training does for its own predictions; user files go through
+    :func:`evaluate_arrays`, which validates first.
+
+    Parameters
+    ----------
+    probs
+        Probability of class 1 per row.
+    labels
+        True class per row, 0 or 1 (any numeric dtype; ``>= 0.5`` counts as 1).
+    threshold
+        A row is predicted positive when its probability is ``>= threshold``.
+
+    Returns
+    -------
+    dict
+        ``{"loss": ..., "auc": ..., "acc": ...}``: the loss with probabilities
+        clipped to ``[PROB_EPS, 1 - PROB_EPS]``; the AUC is NaN when only one
+        class is present.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    p = np.asarray(probs, np.float64)
+    y = np.asarray(labels, np.float64) >= 0.5
+    pc = np.clip(p, PROB_EPS, 1 - PROB_EPS)
+    loss = float(-np.mean(np.where(y, np.log(pc), np.log(1 - pc)))) if len(p) else float("nan")
+    two_classes = 0 < int(y.sum()) < len(y)
+    auc = float(roc_auc_score(y, p)) if two_classes else float("nan")
+    acc = float(np.mean((p >= threshold) == y)) if len(p) else float("nan")
+    return {"loss": loss, "auc": auc, "acc": acc}
 
 
 @dataclass(frozen=True)
@@ -40,6 +82,7 @@ class EvalReport:
     n: int                          # scored rows
     n_positive: int                 # rows labelled 1
     auc: float                      # ROC AUC
+    loss: float                     # mean binary cross-entropy (log loss)
     accuracy: float                 # at ``threshold``
     threshold: float                # 0.5 unless asked otherwise
     confusion: list[list[int]]      # at ``threshold``
@@ -63,6 +106,7 @@ class EvalReport:
         lines = [
             f"{'rows':<12}{self.n} ({self.n_positive} positive, {share:.1%})",
             f"{'ROC AUC':<12}{self.auc:.4f}",
+            f"{'log loss':<12}{self.loss:.4f}",
             f"{f'at {self.threshold:g}':<12}accuracy {self.accuracy:.4f}  {cm(self.confusion)}",
             f"{f'best {self.best_threshold:.4f}':<12}accuracy {self.best_accuracy:.4f}  "
             f"{cm(self.best_confusion)}  (Youden's J {self.youden_j:.4f})",
@@ -118,7 +162,7 @@ def evaluate_arrays(probs: Sequence[float] | np.ndarray, labels: Sequence[int] |
                     threshold: float = DEFAULT_THRESHOLD,
                     ids: Optional[Sequence[str]] = None,
                     probs_source: str = "probabilities", labels_source: str = "labels",
-                    force: bool = True) -> EvalReport:
+                    force: bool = False) -> EvalReport:
     """Score probabilities against 0/1 labels of the same rows.
 
     Parameters
@@ -137,7 +181,8 @@ def evaluate_arrays(probs: Sequence[float] | np.ndarray, labels: Sequence[int] |
     probs_source, labels_source
         What the inputs are called in error messages (file names, usually).
     force
-        Replace an existing ``roc_png`` (default); False refuses with ExistsError.
+        Replace an existing ``roc_png``; without it an existing one is refused
+        (ExistsError) before anything is computed.
 
     Returns
     -------
@@ -148,11 +193,15 @@ def evaluate_arrays(probs: Sequence[float] | np.ndarray, labels: Sequence[int] |
     PcamError
         Lengths differ, a probability outside [0, 1] or not finite, a label
         other than 0/1, or a single class (AUC undefined).
+    ExistsError
+        ``roc_png`` exists and ``force`` is not set.
     """
-    from sklearn.metrics import roc_auc_score, roc_curve
+    from sklearn.metrics import roc_curve
 
+    if roc_png is not None:
+        check_writable(roc_png, force)
     p, y = _check_inputs(probs, labels, ids, probs_source, labels_source)
-    auc = float(roc_auc_score(y, p))
+    scores = binary_metrics(p, y, threshold)
     # Every distinct score is a candidate threshold (no dropped points), so
     # ties in J resolve the same way whatever sklearn's pruning does: the
     # first, i.e. the highest threshold, wins.
@@ -164,8 +213,8 @@ def evaluate_arrays(probs: Sequence[float] | np.ndarray, labels: Sequence[int] |
     at_fixed = p >= threshold
     at_best = p >= best
     report = EvalReport(
-        n=len(y), n_positive=int(y.sum()), auc=auc,
-        accuracy=float(np.mean(at_fixed == y)), threshold=float(threshold),
+        n=len(y), n_positive=int(y.sum()), auc=scores["auc"], loss=scores["loss"],
+        accuracy=scores["acc"], threshold=float(threshold),
         confusion=_confusion(y, at_fixed),
         best_threshold=best, best_accuracy=float(np.mean(at_best == y)),
         best_confusion=_confusion(y, at_best), youden_j=float(j[k]),
@@ -183,7 +232,7 @@ def _rates(report: EvalReport, confusion: list[list[int]]) -> tuple[float, float
 
 
 def plot_roc(fpr: np.ndarray, tpr: np.ndarray, report: EvalReport,
-             path: str | os.PathLike, force: bool = True) -> Path:
+             path: str | os.PathLike, force: bool = False) -> Path:
     """Draw the ROC curve with the AUC, the chance diagonal and both operating points.
 
     Written atomically; ``force=False`` refuses to replace ``path`` (ExistsError).
@@ -219,7 +268,7 @@ def plot_roc(fpr: np.ndarray, tpr: np.ndarray, report: EvalReport,
 
 def evaluate_submission(submission_csv: str | os.PathLike, labels_csv: str | os.PathLike,
                         roc_png: Optional[str | os.PathLike] = None, *,
-                        threshold: float = DEFAULT_THRESHOLD, force: bool = True) -> EvalReport:
+                        threshold: float = DEFAULT_THRESHOLD, force: bool = False) -> EvalReport:
     """Score a Kaggle submission (``id,label`` probabilities) against an ``id,label`` answer key.
 
     Parameters
@@ -231,7 +280,8 @@ def evaluate_submission(submission_csv: str | os.PathLike, labels_csv: str | os.
     roc_png
         Where to draw the ROC curve; None: no plot.
     threshold, force
-        As in :func:`evaluate_arrays`.
+        As in :func:`evaluate_arrays`: an existing ``roc_png`` is refused
+        (ExistsError) unless ``force``, before either file is read.
 
     Raises
     ------
@@ -239,7 +289,11 @@ def evaluate_submission(submission_csv: str | os.PathLike, labels_csv: str | os.
         Either file is missing or malformed (LabelsError naming the line), the
         ids of the two files differ (the message names both files and a few
         ids), or the values are out of range (see :func:`evaluate_arrays`).
+    ExistsError
+        ``roc_png`` exists and ``force`` is not set.
     """
+    if roc_png is not None:
+        check_writable(roc_png, force)
     submission = read_id_table(submission_csv, as_float=True, kind="submission")
     truth = read_id_table(labels_csv, kind="labels")
     missing = [k for k in truth if k not in submission]

@@ -1,10 +1,12 @@
 """Predict with exported ONNX models: ``pcamtool infer --tta 8 > submission.csv``.
 
 Images come from a folder of tifs (the same fast reader as ``pack``, on
-worker threads, decoding the next batch while the current one runs) or from
-a packed store. Test-time augmentation averages the dihedral transforms
-(:func:`pcamtool.augment.tta_transforms`) as batched copies; several models
-are averaged as an ensemble.
+worker threads that decode the next batches while the current one runs) or
+from a packed store (the next batch read on a helper thread, for the same
+overlap). Test-time augmentation averages the dihedral transforms
+(:func:`pcamtool.tta.tta_mean` on the CPU, inside the graph on a GPU);
+several models are averaged as an ensemble. :func:`write_submission` is the
+whole ``infer`` command: predict, order like the sample, write the CSV.
 
 Example::
 
@@ -15,19 +17,24 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence, TypeVar
 
 import numpy as np
 
-from .tta import dihedral_np, tta_transforms
 from .errors import ModelError, PcamError
 from .io.sources import ImageSource
-from .onnx_io import INPUT, open_session
+from .onnx_io import ModelSession, open_session
 from .progress import progress_bar
+from .tta import tta_mean
 
 log = logging.getLogger("pcamtool")
+T = TypeVar("T")
+AVERAGES = ("mean", "rank")
+
 
 @dataclass
 class Predictions:
@@ -35,6 +42,7 @@ class Predictions:
     probs: np.ndarray
     skipped: list[tuple[str, str]] = field(default_factory=list)
     providers: list[str] = field(default_factory=list)
+    tta: list[int] = field(default_factory=list)   # transforms averaged, per model
 
 
 def default_source() -> Path:
@@ -65,34 +73,96 @@ def _stain_transform(model_stain: dict, source_stain: dict, src: Path):
     return lambda images: normalize(images, ref)
 
 
+def prefetched(items: Iterable[T]) -> Iterator[T]:
+    """``items``, the next one produced on a helper thread while the caller uses the current one."""
+    it = iter(items)
+    done = object()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pcam-prefetch") as pool:
+        nxt = pool.submit(next, it, done)
+        while True:
+            item = nxt.result()
+            if item is done:
+                return
+            nxt = pool.submit(next, it, done)
+            yield item  # type: ignore[misc]
+
+
+def expand_models(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Model files from ``--model`` arguments: a ``pcamtool cv`` folder stands for its ``fold*/model.onnx``."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            out.append(p)
+            continue
+        folds = sorted(p.glob("fold*/model.onnx"), key=lambda q: (len(q.parent.name), q.parent.name))
+        if not folds:
+            raise ModelError(f"{p}: a folder, but no fold*/model.onnx in it (export a cv run with 'pcamtool cv')")
+        out += folds
+    return out
+
+
+def combine(per_model: np.ndarray, average: str = "mean") -> np.ndarray:
+    """One probability per image from ``(models, images)``: the mean, or the mean of normalized ranks.
+
+    Rank averaging ignores how each model's scores are calibrated (only
+    their order counts, as for ROC AUC); it needs every image at once.
+    """
+    if average not in AVERAGES:
+        raise PcamError(f"unknown --average {average!r} (choose from {', '.join(AVERAGES)})")
+    if average == "mean" or len(per_model) == 1:
+        return per_model.mean(0)
+    from scipy.stats import rankdata
+
+    return ((rankdata(per_model, axis=1) - 1) / max(per_model.shape[1] - 1, 1)).mean(0)
+
+
+def _model_mean(model: ModelSession, images: np.ndarray) -> np.ndarray:
+    """One model's TTA mean: the graph averages on a GPU, one run per transform on the CPU."""
+    return model.run(images) if model.tta_in_graph else tta_mean(model.run, images, model.tta)
+
+
 def predict(src: Optional[str | os.PathLike] = None, models: Optional[Sequence[str | os.PathLike]] = None,
-            tta: int = 8, batch_size: int = 256, provider: str = "auto",
+            tta: Optional[int] = None, batch_size: int = 256, provider: str = "auto",
             shard: Optional[tuple[int, int]] = None, skip_bad: bool = False,
-            workers: Optional[int] = None, progress: bool = True) -> Predictions:
+            workers: Optional[int] = None, progress: bool = True, average: str = "mean") -> Predictions:
     """Probabilities of tumour for every image of ``src``, averaged over TTA and models.
+
+    Parameters
+    ----------
+    models
+        ONNX files, or ``pcamtool cv`` folders (all their folds); default:
+        the latest run's ``model.onnx``.
+    tta
+        Dihedral transforms averaged (1, 2, 4, 8); None: each model's
+        ``tta_default`` metadata (8 for models pcamtool exports).
+    average
+        How the models of an ensemble are combined: ``mean`` of the
+        probabilities or ``rank`` (mean of normalized ranks; not with ``shard``).
 
     Raises
     ------
     PcamError
-        Missing or empty source, foreign or mismatched models, unreadable
-        images (unless ``skip_bad``).
+        Missing or empty source, foreign or mismatched models, a model whose
+        output is not a probability, unreadable images (unless ``skip_bad``),
+        or a GPU provider asked for that does not load.
     """
     src_path = Path(src) if src is not None else default_source()
-    model_paths = [Path(m) for m in models] if models else default_models()
-    ks = tta_transforms(tta)
+    model_paths = expand_models(models) if models else default_models()
+    if average == "rank" and shard is not None and len(model_paths) > 1:
+        raise PcamError("--average rank needs every image at once: it cannot be used with --shard")
     source = ImageSource(src_path, shard, workers)
-    sessions = [open_session(p, provider) for p in model_paths]
-    metas = [s.get_modelmeta().custom_metadata_map for s in sessions]
-    stains = {m.get("stain", '{"method": "none"}') for m in metas}
+    sessions = [open_session(p, provider, batch_size=batch_size, tta=tta) for p in model_paths]
+    stains = {s.metadata.get("stain", '{"method": "none"}') for s in sessions}
     if len(stains) > 1:
         raise ModelError("the ensemble's models were trained with different stain normalizations")
     transform = _stain_transform(json.loads(stains.pop()), source.stain(), src_path)
-    probs = np.empty(len(source.ids), np.float64)
+    per_model = np.empty((len(sessions), len(source.ids)), np.float64)
     keep = np.ones(len(source.ids), bool)
     skipped: list[tuple[str, str]] = []
     pos = 0
-    with progress_bar(total=len(source.ids), desc=f"infer tta{tta}", enabled=progress) as bar:
-        for images, errors in source.batches(batch_size):
+    desc = f"infer tta{max(len(s.tta) for s in sessions)}"
+    with progress_bar(total=len(source.ids), desc=desc, enabled=progress) as bar:
+        for images, errors in prefetched(source.batches(batch_size)):
             n = len(images)
             bad = [i for i, e in enumerate(errors) if e is not None]
             if bad:
@@ -103,38 +173,83 @@ def predict(src: Optional[str | os.PathLike] = None, models: Optional[Sequence[s
                     skipped.append((errors[i].path, errors[i].problem))  # type: ignore[union-attr]
             if transform is not None:
                 images = transform(images)
-            # One run per TTA transform, each of ``batch_size`` images: all
-            # copies in one run (8x the batch) measured 15-25% slower on a
-            # CPU, whose activations then no longer fit in cache; on a GPU
-            # ``--batch-size`` sets how big each run is.
-            total = np.zeros(n, np.float64)
-            for k in ks:
-                x = np.ascontiguousarray(dihedral_np(images, k, axes=(1, 2)))
-                for sess in sessions:
-                    total += _run(sess, INPUT, x)
-            probs[pos:pos + n] = total / (len(ks) * len(sessions))
+            for m, sess in enumerate(sessions):
+                per_model[m, pos:pos + n] = _model_mean(sess, images)
             pos += n
             bar.update(n)
     for path, problem in skipped:
         log.warning("skipped %s: %s", path, problem)
     ids = [i for i, k in zip(source.ids, keep) if k]
-    return Predictions(ids, probs[keep], skipped, sessions[0].get_providers())
-
-
-def _run(sess: Any, name: str, x: np.ndarray) -> np.ndarray:
-    """One forward pass through I/O binding (the same code on CPU and CUDA).
-
-    On CUDA the binding copies the input once and keeps the output on the
-    device until asked for, instead of onnxruntime's per-call staging.
-    """
-    binding = sess.io_binding()
-    binding.bind_cpu_input(name, x)
-    binding.bind_output(sess.get_outputs()[0].name)
-    sess.run_with_iobinding(binding)
-    return binding.copy_outputs_to_cpu()[0].astype(np.float64)
+    return Predictions(ids, combine(per_model[:, keep], average), skipped, sessions[0].providers, [len(s.tta) for s in sessions])
 
 
 def sample_beside(src: Path) -> Optional[Path]:
     """Kaggle's ``sample_submission.csv`` beside the data, if there."""
     cand = src.resolve().parent / "sample_submission.csv"
     return cand if cand.is_file() else None
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What :func:`write_submission` wrote: rows in submission order, and where (None: stdout)."""
+
+    ids: list[str]
+    probs: np.ndarray
+    path: Optional[Path]
+    predictions: Predictions
+    sample: Optional[Path]
+
+
+def write_submission(src: Optional[str | os.PathLike] = None,
+                     models: Optional[Sequence[str | os.PathLike]] = None,
+                     out: Optional[str | os.PathLike] = None, sample: Optional[str | os.PathLike] = None,
+                     tta: Optional[int] = None, batch_size: int = 256, provider: str = "auto",
+                     shard: Optional[tuple[int, int]] = None, skip_bad: bool = False,
+                     workers: Optional[int] = None, force: bool = False, progress: bool = True,
+                     average: str = "mean") -> Submission:
+    """Predict ``src`` and write a Kaggle submission (``id,label``): the whole ``infer`` command.
+
+    Rows follow ``sample`` (default: the ``sample_submission.csv`` beside
+    ``src``, unless ``shard`` is given), else sorted by id. ``out`` is
+    written atomically; None writes the whole CSV to stdout in one write, so
+    a failure leaves no partial CSV there.
+
+    Raises
+    ------
+    PcamError
+        Everything :func:`predict` raises; ``out`` exists without ``force``
+        (before any work); sample ids that do not match (naming ``--sample``
+        when the sample was the one found beside ``src``); a failed write
+        (naming ``out``).
+    """
+    from .io.csvio import format_rows, write_rows
+    from .io.fsutil import check_writable
+    from .submission import order_like_sample
+
+    if out is not None:
+        check_writable(out, force)
+    src_path = Path(src) if src is not None else default_source()
+    pred = predict(src_path, models, tta=tta, batch_size=batch_size, provider=provider, shard=shard,
+                   skip_bad=skip_bad, workers=workers, progress=progress, average=average)
+    found = sample is None and shard is None
+    sample_path = Path(sample) if sample is not None else (sample_beside(src_path) if found else None)
+    try:
+        ids, probs = order_like_sample(pred.ids, pred.probs, sample_path,
+                                       allow_missing={Path(p).stem for p, _ in pred.skipped})
+    except PcamError as exc:
+        if not (found and sample_path is not None):
+            raise
+        raise PcamError(f"{exc} (that sample_submission.csv sits beside {src_path}: pass --sample "
+                        f"with the right one)") from None
+    log.info("%d predictions (tta %s, %s)%s", len(ids), "/".join(map(str, sorted(set(pred.tta)))),
+             pred.providers[0], f", {len(pred.skipped)} skipped" if pred.skipped else "")
+    try:
+        if out is None:
+            sys.stdout.write(format_rows(ids, probs))  # whole text at once: no partial CSV on failure
+            sys.stdout.flush()
+        else:
+            write_rows(out, ids, probs, force=force)
+    except OSError as exc:
+        where = out if out is not None else "stdout"
+        raise PcamError(f"{where}: cannot write the submission ({exc.strerror or exc})") from None
+    return Submission(ids, probs, Path(out) if out is not None else None, pred, sample_path)

@@ -1,4 +1,10 @@
-"""``pcamtool info STORE``: what a store holds, for people and (``--json``) programs."""
+"""``pcamtool info STORE [--check]``: what a store holds, for people and (``--json``) programs.
+
+``--check`` verifies what opening a store does not (that costs reading every
+pixel): ids sorted, the count attributes present, and the recorded channel
+statistics equal to the pixels' (exact integer sums, the pack's own kernel);
+every chunk is read, so a damaged compressed chunk is found too.
+"""
 from __future__ import annotations
 
 import json
@@ -8,11 +14,29 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .io.store import open_store
+from .errors import StoreError
+from .io.store import Store, channel_stats, open_store
+
+# Recorded statistics are exact (integer sums, one division): any difference
+# beyond rounding means the pixels are not the ones they were computed from.
+STATS_TOLERANCE = 1e-9
 
 
-def store_info(path: str | os.PathLike, outliers: bool = True) -> dict[str, Any]:
-    """Counts, class balance, channel statistics, layout, size and provenance of a store."""
+def store_info(path: str | os.PathLike, outliers: bool = True, check: bool = False,
+               progress: bool = False) -> dict[str, Any]:
+    """Counts, class balance, channel statistics, layout, size and provenance of a store.
+
+    Parameters
+    ----------
+    check
+        Also verify the store fully (see the module docstring); the result
+        then has ``"check": "passed"``.
+
+    Raises
+    ------
+    StoreError
+        The store cannot be opened, or (with ``check``) the first problem found.
+    """
     store = open_store(path)
     labels = store.labels
     with h5py.File(store.path, "r") as f:
@@ -44,22 +68,59 @@ def store_info(path: str | os.PathLike, outliers: bool = True) -> dict[str, Any]
         "stain": store.stain(),
         "skipped": json.loads(store.attrs.get("skipped") or "[]"),
     }
-    if outliers:
-        info.update(_outlier_counts(store))
+    if outliers or check:
+        info.update(_scan(store, outliers, check, progress))
     return info
 
 
-def _outlier_counts(store) -> dict[str, Any]:
-    try:
-        from .eda import find_outliers
-    except ImportError:  # eda's plotting stack is optional at runtime
-        return {}
+def _check_cheap_extras(store: Store) -> None:
+    """What ``--check`` adds to the checks of every open without reading pixels."""
+    missing = [k for k in ("count", "n_positive", "n_unlabelled", "mean", "std") if k not in store.attrs]
+    if missing:
+        raise StoreError(f"{store.path}: attribute(s) {', '.join(missing)} missing")
+    ids = store.ids
+    if len(ids) > 1:
+        down = np.flatnonzero(ids[1:] <= ids[:-1])  # open_store found no duplicates: these are out of order
+        if len(down):
+            i = int(down[0])
+            raise StoreError(f"{store.path}: ids not sorted (row {i + 1}, {ids[i + 1]}, after {ids[i]})")
+
+
+def _scan(store: Store, outliers: bool, check: bool, progress: bool) -> dict[str, Any]:
+    """One pass over the pixels: outlier counts and/or the statistics check."""
+    from .kernels.stats import channel_sums
+    from .progress import progress_bar
+
+    find_outliers = None
+    if outliers:
+        try:
+            from .eda import find_outliers
+        except ImportError:  # eda's plotting stack is optional at runtime
+            pass
+    if check:
+        _check_cheap_extras(store)
     white = black = 0
-    for _, images in store.chunks():
-        w, b = find_outliers(images)
-        white += int(np.count_nonzero(w))
-        black += int(np.count_nonzero(b))
-    return {"outliers_white": white, "outliers_black": black}
+    sums, sqsums = np.zeros(3, np.uint64), np.zeros(3, np.uint64)
+    with progress_bar(total=len(store), desc="check" if check else "outliers", enabled=progress) as bar:
+        for _, images in store.chunks():
+            if find_outliers is not None:
+                w, b = find_outliers(images)
+                white += int(np.count_nonzero(w))
+                black += int(np.count_nonzero(b))
+            if check:
+                channel_sums(np.ascontiguousarray(images), np.ones(len(images), np.bool_), sums, sqsums)
+            bar.update(len(images))
+    out: dict[str, Any] = {}
+    if find_outliers is not None:
+        out.update(outliers_white=white, outliers_black=black)
+    if check:
+        mean, std = channel_stats(sums, sqsums, len(store))
+        for name, recorded, actual in (("mean", store.mean, mean), ("std", store.std, std)):
+            if np.abs(recorded - actual).max() > STATS_TOLERANCE:
+                raise StoreError(f"{store.path}: recorded {name} {np.round(recorded, 6).tolist()} but the pixels "
+                                 f"give {np.round(actual, 6).tolist()} (the images changed after packing)")
+        out["check"] = "passed"
+    return out
 
 
 def format_info(info: dict[str, Any]) -> str:
@@ -89,6 +150,9 @@ def format_info(info: dict[str, Any]) -> str:
     ]
     if "outliers_white" in info:
         lines.append(f"outliers     {info['outliers_white']} near-white (glass), {info['outliers_black']} near-black")
+    if info.get("check") == "passed":
+        lines.append("check        passed (ids sorted and unique, labels 0/1/-1, counts, chunks inside the file, "
+                     "statistics equal to the pixels)")
     skipped = info["skipped"]
     lines.append(f"skipped      {len(skipped)} file(s)")
     lines += [f"  {p}: {why}" for p, why in skipped[:20]]

@@ -2,10 +2,10 @@
 
 Every backbone takes normalized float NCHW images ``(B, 3, 96, 96)`` and
 returns one logit per image ``(B,)``; preprocessing lives in
-:class:`pcamtool.preprocess.Classifier`. The factory records its arguments on
-the model (``model.pcam_args``, also :func:`model_args`) with every default
-filled in, so a checkpoint can rebuild exactly the same network even if a
-default changes later.
+:class:`pcamtool.contract.Classifier`. :func:`resolve_model_args` turns a
+name and the user's keyword arguments into every argument of the factory,
+defaults filled in; checkpoints store that, so a model rebuilds exactly even
+after a default changes.
 
 Models
 ------
@@ -15,22 +15,28 @@ Models
     pcamnet and a little under the notebook CNN (0.956) at 2.6x less compute.
 ``pcamnet``
     Compact residual CNN for 96x96 patches with centre-aware pooling: 3.6x
-    faster to train on a CPU, level with the plain reference on real tissue.
+    faster per image on a CPU than plain4 but below it on real tissue
+    (0.919 validation AUC with 24 epochs against plain4's 0.942;
+    benchmarks/RESULTS.md).
 ``simple``
     The three-block CNN of the popular Kaggle notebooks, for parity with what
     users run today.
+``timm:<name>``
+    Any ``timm.list_models()`` network (timm imported only then), ImageNet
+    weights from timm's download (``pretrained=True``) or a local file
+    (``pretrained=PATH``), input upscaled to ``img_size`` inside the graph;
+    see :mod:`pcamtool.zoo_timm`.
 
 Example::
 
-    net = create_model("pcamnet", width=32)
-    rebuilt = create_model(**model_args(net))
+    args = resolve_model_args("pcamnet", {"width": 32})  # every argument, JSON-ready
+    net = create_model("pcamnet", **args)
 """
 from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -256,23 +262,71 @@ def _init(model: nn.Module) -> None:
 # ----------------------------------------------------------------------- registry
 
 
-@dataclass(frozen=True)
-class _Entry:
-    builder: Callable[..., nn.Module]
-    summary: str
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {"pcamnet": PcamResNet, "simple": SimpleCNN, "plain4": PlainCNN}
+TIMM_PREFIX = "timm:"  # names handed to pcamtool.zoo_timm (timm imported only for them)
 
 
-_REGISTRY: dict[str, _Entry] = {
-    "pcamnet": _Entry(PcamResNet, "compact residual CNN with centre-aware pooling (3.6x faster on CPU)"),
-    "simple": _Entry(SimpleCNN, "three-block Kaggle-notebook CNN (32-64-128, dense 256)"),
-    "plain4": _Entry(PlainCNN, "plain 4-block CNN (32-64-128-256, global pool), the default: "
-                               "best AUC per compute on real tissue"),
-}
+def is_timm(name: str) -> bool:
+    """Whether ``name`` is a timm network (``timm:<name>``)."""
+    return isinstance(name, str) and name.startswith(TIMM_PREFIX)
 
 
-def list_models() -> dict[str, str]:
-    """Model names and a one-line description of each."""
-    return {name: e.summary for name, e in _REGISTRY.items()}
+def model_normalization(name: str, resolved: dict[str, Any]) -> Optional[tuple[list[float], list[float]]]:
+    """Input mean and std (pixels/255, per RGB channel) the model's pretrained weights expect, or None.
+
+    ``resolved`` is :func:`resolve_model_args`'s result. None for the
+    built-ins and for a timm network from random init: those use the training
+    store's statistics. A network with pretrained weights must see its
+    inputs normalized as in pretraining (ImageNet's statistics, for most).
+    """
+    if not is_timm(name):
+        return None
+    from . import zoo_timm
+
+    return zoo_timm.normalization(resolved)
+
+
+HUB = "hub"  # --pretrained without a path: timm's own download
+
+
+def transfer_kwargs(name: str, kwargs: dict[str, Any], pretrained: Optional[str] = None,
+                    img_size: Optional[int] = None) -> dict[str, Any]:
+    """``kwargs`` plus the ``--pretrained`` and ``--img-size`` options, which only timm networks take.
+
+    Parameters
+    ----------
+    pretrained
+        None (random init), :data:`HUB` (timm's download) or a weights file.
+    img_size
+        The side the network sees; None or 96 leaves the default.
+
+    Raises
+    ------
+    ModelError
+        Either option given for a built-in model.
+    """
+    out = dict(kwargs)
+    given = {"--pretrained": pretrained is not None, "--img-size": img_size not in (None, 96)}
+    if not is_timm(name):
+        bad = [k for k, v in given.items() if v]
+        if bad:
+            raise ModelError(f"{' and '.join(bad)} need a timm network (--arch timm:NAME), not {name!r}")
+        return out
+    if pretrained is not None:
+        out["pretrained"] = True if pretrained == HUB else pretrained
+    if img_size is not None:
+        out["img_size"] = img_size
+    return out
+
+
+def without_pretrained(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` to rebuild a trained model: any ``pretrained`` source set to None.
+
+    A checkpoint records where the starting weights came from, but its own
+    weights replace them: rebuilding (export, infer, resume) must neither
+    download nor need the original file.
+    """
+    return {**kwargs, "pretrained": None} if "pretrained" in kwargs else dict(kwargs)
 
 
 def _jsonable(v: Any) -> Any:
@@ -282,54 +336,69 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+def resolve_model_args(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Every argument of model ``name``'s factory, the given ``kwargs`` validated, defaults filled in.
+
+    What checkpoints record: ``create_model(name, **resolve_model_args(name,
+    kw))`` builds the same network whatever the defaults are at that time.
+    Sequences come back as lists, so the result equals its JSON round trip.
+
+    Raises
+    ------
+    ModelError
+        Unknown name (the message lists the known ones), an argument the
+        model does not take (the message lists the ones it takes), or a value
+        it cannot use.
+    """
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise ModelError(f"model {name!r}: arguments must be a mapping of names to values, got {kwargs!r}")
+    if is_timm(name):
+        from . import zoo_timm
+
+        return zoo_timm.resolve(name[len(TIMM_PREFIX):], kwargs)
+    builder = _REGISTRY.get(name)
+    if builder is None:
+        raise ModelError(f"unknown model {name!r} (known: {', '.join(sorted(_REGISTRY))})")
+    sig = inspect.signature(builder)
+    unknown = sorted(set(kwargs) - set(sig.parameters))
+    if unknown:
+        raise ModelError(f"model {name!r} takes no argument(s) {', '.join(unknown)} "
+                         f"(it takes: {', '.join(sig.parameters)})")
+    bound = sig.bind(**kwargs)
+    bound.apply_defaults()
+    full = {k: _jsonable(v) for k, v in bound.arguments.items()}
+    _validate(name, full)
+    return full
+
+
 def create_model(name: str = DEFAULT_MODEL, **kwargs: Any) -> nn.Module:
-    """Build backbone ``name`` with ``kwargs``; the full arguments are recorded on it.
+    """Build backbone ``name`` with ``kwargs`` (validated by :func:`resolve_model_args`).
+
+    ``timm:<name>`` builds a timm network (:func:`pcamtool.zoo_timm.create`):
+    ``pretrained=True`` downloads timm's weights, ``pretrained=PATH`` loads a
+    local file, ``img_size`` upscales inside the module. To rebuild a trained
+    model pass :func:`without_pretrained` of its recorded arguments.
 
     Returns
     -------
     nn.Module
-        Takes normalized float ``(B, 3, 96, 96)``, returns logits ``(B,)``;
-        ``model.pcam_args == {"name": name, "kwargs": {...every argument...}}``.
+        Takes normalized float ``(B, 3, 96, 96)``, returns logits ``(B,)``.
 
     Raises
     ------
     ModelError
-        Unknown name (the message lists the known ones) or arguments the
-        model does not take or cannot use.
+        As :func:`resolve_model_args`, or the network cannot be built with
+        these arguments.
     """
-    entry = _REGISTRY.get(name)
-    if entry is None:
-        raise ModelError(f"unknown model {name!r} (known: {', '.join(sorted(_REGISTRY))})")
-    sig = inspect.signature(entry.builder)
+    if is_timm(name):
+        from . import zoo_timm
+
+        return zoo_timm.create(name[len(TIMM_PREFIX):], **kwargs)
+    full = resolve_model_args(name, kwargs)
     try:
-        bound = sig.bind(**kwargs)
-    except TypeError:
-        known = ", ".join(p for p in sig.parameters)
-        bad = ", ".join(sorted(set(kwargs) - set(sig.parameters))) or "?"
-        raise ModelError(f"model {name!r} takes no argument(s) {bad} (it takes: {known})") from None
-    bound.apply_defaults()
-    full = {k: _jsonable(v) for k, v in bound.arguments.items()}
-    _validate(name, full)
-    try:
-        model = entry.builder(**full)
+        return _REGISTRY[name](**full)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise ModelError(f"cannot build model {name!r} with {full}: {exc}") from None
-    model.pcam_args = {"name": name, "kwargs": full}  # type: ignore[assignment]
-    return model
-
-
-def model_args(model: nn.Module) -> dict[str, Any]:
-    """``{"name": ..., "kwargs": {...}}`` to rebuild ``model`` with ``create_model(**model_args(m))``.
-
-    Raises
-    ------
-    ModelError
-        ``model`` was not made by :func:`create_model`.
-    """
-    args = getattr(model, "pcam_args", None)
-    if args is None:
-        raise ModelError(f"{type(model).__name__} was not built by create_model: its arguments are unknown")
-    return {"name": args["name"], "kwargs": dict(args["kwargs"])}
 
 
 def _validate(name: str, kw: dict[str, Any]) -> None:
@@ -342,6 +411,8 @@ def _validate(name: str, kw: dict[str, Any]) -> None:
     if "blocks" in kw and (not isinstance(kw["blocks"], int) or isinstance(kw["blocks"], bool)
                            or not 1 <= kw["blocks"] <= 6):
         fail(f"blocks must be an integer from 1 to 6, got {kw['blocks']!r}")
+    if "centre_pool" in kw and not isinstance(kw["centre_pool"], bool):
+        fail(f"centre_pool must be true or false, got {kw['centre_pool']!r}")
     for key in ("width", "hidden"):
         if key in kw and (not isinstance(kw[key], int) or isinstance(kw[key], bool) or kw[key] < 1):
             fail(f"{key} must be a positive integer, got {kw[key]!r}")

@@ -16,6 +16,7 @@ Example::
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -28,6 +29,8 @@ from .errors import LabelsError, PcamError, few
 from .io.fsutil import check_writable
 
 _SHARD = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
+_SHARD_NAME = re.compile(r"(?<!\d)(\d+)[-_]?of[-_]?(\d+)(?!\d)")   # sub.0of4.csv, sub_2-of-4.csv
+log = logging.getLogger("pcamtool")
 
 
 def order_like_sample(ids: Sequence[str], probs: Sequence[float] | np.ndarray,
@@ -124,6 +127,33 @@ def shard_slice(n_items: int, i: int, n: int) -> slice:
     return slice(i * n_items // n, (i + 1) * n_items // n)
 
 
+def check_shard_names(paths: Sequence[str | os.PathLike]) -> bool:
+    """Check that shard files named ``<i>of<n>`` cover shards ``0..n-1``; False if the names do not say.
+
+    Shard CSVs hold only ``id,label`` rows, and shards are contiguous slices
+    of the sorted ids, so without a sample only their names can show that a
+    shard is missing.
+
+    Raises
+    ------
+    PcamError
+        The names disagree on ``n``, or some shard ``i`` of ``0..n-1`` has no file.
+    """
+    found = [_SHARD_NAME.findall(Path(p).name) for p in paths]
+    if not all(found):
+        return False
+    pairs = {(int(m[-1][0]), int(m[-1][1])) for m in found}
+    counts = {n for _, n in pairs}
+    if len(counts) != 1:
+        raise PcamError(f"shard file names disagree on the number of shards ({', '.join(map(str, sorted(counts)))})")
+    n = counts.pop()
+    missing = sorted(set(range(n)) - {i for i, _ in pairs})
+    if missing:
+        raise PcamError(f"shard(s) {few([f'{i}of{n}' for i in missing])} missing: "
+                        f"{len(paths)} file(s) given for {n} shards")
+    return True
+
+
 def merge_shards(paths: Sequence[str | os.PathLike], out: Optional[str | os.PathLike] = None,
                  sample_csv: Optional[str | os.PathLike] = None, force: bool = False
                  ) -> tuple[list[str], np.ndarray]:
@@ -152,11 +182,16 @@ def merge_shards(paths: Sequence[str | os.PathLike], out: Optional[str | os.Path
     PcamError
         No shards, a shard given twice, a malformed shard (LabelsError naming
         the line), an id in two shards (naming it and both files), sample ids
-        missing from every shard, or ``out`` exists without ``force``
+        missing from every shard, a shard missing by the files' ``<i>of<n>``
+        names (checked when there is no sample; without such names a warning
+        says nothing could be checked), or ``out`` exists without ``force``
         (ExistsError, raised before any shard is read).
     """
     if not paths:
         raise PcamError("no shard files to merge")
+    if sample_csv is None and not check_shard_names(paths):
+        log.warning("merging %d shard file(s) without --sample: a missing shard cannot be noticed "
+                    "(give --sample, or name the shards like sub.0of%d.csv)", len(paths), len(paths))
     if out is not None:
         check_writable(out, force)  # fail before reading thousands of rows
     seen_files: dict[Path, str] = {}

@@ -17,12 +17,12 @@ so ``k`` in 0..3 are the rotations and 4..7 the reflections;
 
 Example::
 
-    for k in tta_transforms(8):
-        x = dihedral_np(images_nhwc, k, axes=(1, 2))
+    probs = tta_mean(model.run, images_nhwc, tta_transforms(8))
 """
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -86,23 +86,73 @@ def tta_transforms(n: int) -> list[int]:
     return table[n]
 
 
-def tta_batch(x: Tensor, n: int, dims: tuple[int, int] = (1, 2)) -> Tensor:
-    """The ``n`` TTA copies of a batch concatenated ``k``-major: ``(n * B, ...)``.
+def tta_mean(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray, ks: Sequence[int]) -> np.ndarray:
+    """Mean of ``run`` over the dihedral copies ``ks`` of an NHWC batch, one call per transform.
 
-    Average predictions with ``p.reshape(n, B).mean(0)``. Default ``dims``
-    are those of NHWC uint8 batches.
+    One call of ``len(images)`` per copy rather than one of ``len(ks)`` times
+    the batch: on a CPU all copies in one run measured 15-25% slower (the
+    activations no longer fit in cache). GPU providers average inside the
+    graph instead (:func:`tta_graph`).
     """
-    return torch.cat([dihedral(x, k, dims) for k in tta_transforms(n)])
+    total = np.zeros(len(images), np.float64)
+    for k in ks:
+        total += run(np.ascontiguousarray(dihedral_np(images, k, axes=(1, 2))))
+    return total / len(ks)
 
 
-def tta_batch_np(x: np.ndarray, n: int, axes: tuple[int, int] = (1, 2)) -> np.ndarray:
-    """NumPy twin of :func:`tta_batch` (for onnxruntime inputs)."""
-    return np.concatenate([dihedral_np(x, k, axes) for k in tta_transforms(n)])
+def tta_graph(proto: Any, ks: Sequence[int], name: str = "images") -> Any:
+    """An ONNX model that averages ``proto`` over the dihedral copies ``ks`` of its NHWC input.
 
+    The copies are made by graph ops (transpose and reversed slices, the
+    ``_T``/``_FH``/``_FW`` form of each ``k``), so on a GPU the batch is
+    uploaded once and copied on the device; the model then runs once on the
+    ``len(ks)`` copies (``k``-major) and the graph returns their mean,
+    ``(batch,)``. Needs opset >= 10 (slices with steps).
+    """
+    import onnx
+    from onnx import TensorProto, helper
 
-def dihedral_all(x: Tensor, dims: tuple[int, int] = (1, 2)) -> Tensor:
-    """All 8 transforms of a batch, ``(8 * B, ...)`` in order ``k = 0..7``."""
-    return tta_batch(x, 8, dims)
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    g = out.graph
+    opset = max(o.version for o in out.opset_import if o.domain in ("", "ai.onnx"))
+    if opset < 10:
+        raise PcamError(f"TTA inside the graph needs opset >= 10, the model has {opset}")
+    result = g.output[0].name
+    inner_in, inner_out = f"{name}__tta", f"{result}__each"
+    for node in g.node:
+        node.input[:] = [inner_in if i == name else i for i in node.input]
+        node.output[:] = [inner_out if o == result else o for o in node.output]
+    nodes, copies = [], []
+    consts = [helper.make_tensor("tta__last", TensorProto.INT64, [1], [-1]),
+              helper.make_tensor("tta__first", TensorProto.INT64, [1], [-(2 ** 63)]),
+              helper.make_tensor("tta__shape", TensorProto.INT64, [2], [len(ks), -1])]
+    for axis in (1, 2):
+        consts.append(helper.make_tensor(f"tta__axis{axis}", TensorProto.INT64, [1], [axis]))
+    for k in ks:
+        x = name
+        if _T[k]:
+            nodes.append(helper.make_node("Transpose", [x], [f"tta__t{k}"], perm=[0, 2, 1, 3]))
+            x = f"tta__t{k}"
+        for axis, on in ((1, _FH[k]), (2, _FW[k])):
+            if on:  # reversed slice: start at the last row/column, step -1 past the first
+                y = f"tta__f{k}_{axis}"
+                nodes.append(helper.make_node("Slice", [x, "tta__last", "tta__first", f"tta__axis{axis}",
+                                                        "tta__last"], [y]))
+                x = y
+        copies.append(x)
+    nodes.append(helper.make_node("Concat", copies, [inner_in], axis=0))
+    tail = [helper.make_node("Reshape", [inner_out, "tta__shape"], ["tta__grid"])]
+    if opset >= 18:
+        consts.append(helper.make_tensor("tta__axis0", TensorProto.INT64, [1], [0]))
+        tail.append(helper.make_node("ReduceMean", ["tta__grid", "tta__axis0"], [result], keepdims=0))
+    else:
+        tail.append(helper.make_node("ReduceMean", ["tta__grid"], [result], axes=[0], keepdims=0))
+    g.initializer.extend(consts)
+    old = list(g.node)
+    del g.node[:]
+    g.node.extend(nodes + old + tail)
+    return out
 
 
 @lru_cache(maxsize=8)

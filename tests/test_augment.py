@@ -155,3 +155,15 @@ def test_same_code_on_cuda():
     out = augment_batch(x.cuda(), cfg, g)
     again = augment_batch(x.cuda(), cfg, torch.Generator(device="cuda").manual_seed(0))
     assert out.device.type == "cuda" and torch.equal(out, again)
+
+
+def test_constants_are_made_once_per_device(monkeypatch):
+    """Colour and HED matrices are cached: built per batch on a GPU, each would be a blocking host copy."""
+    cfg = AugmentConfig(hed=True, shift=True)
+    augment_batch(batch(4), cfg, gen(0))  # the first batch on a device builds them
+    made = []
+    for name in ("tensor", "as_tensor", "eye", "full", "from_numpy"):
+        orig = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _o=orig, _n=name, **k: (made.append(_n), _o(*a, **k))[1])
+    out = augment_batch(batch(4, seed=1), cfg, gen(1))
+    assert made == [] and out.shape == (4, 3, 96, 96)

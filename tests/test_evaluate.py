@@ -1,16 +1,19 @@
-"""evaluate: scores against scikit-learn, thresholds, every bad input, the ROC plot."""
+"""evaluate: the shared metrics and the report against scikit-learn, thresholds, every bad input, the ROC plot."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from sklearn.metrics import accuracy_score, confusion_matrix, roc_auc_score
+from sklearn.metrics import accuracy_score, confusion_matrix, log_loss, roc_auc_score
 
+from pcamtool import evaluate
 from pcamtool.errors import ExistsError, LabelsError, PcamError
-from pcamtool.evaluate import EvalReport, evaluate_arrays, evaluate_submission
+from pcamtool.evaluate import PROB_EPS, EvalReport, binary_metrics, evaluate_arrays, evaluate_submission
 
 
 def scores(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -25,11 +28,51 @@ def write_csv(path: Path, ids, values, header: str = "id,label") -> Path:
     return path
 
 
+def test_binary_metrics_match_sklearn():
+    p, y = scores(5000, seed=2)
+    m = binary_metrics(p, y)
+    assert set(m) == {"loss", "auc", "acc"} and all(isinstance(v, float) for v in m.values())
+    assert m["auc"] == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    assert m["loss"] == pytest.approx(log_loss(y, np.clip(p, PROB_EPS, 1 - PROB_EPS)), rel=1e-12)
+    assert m["acc"] == pytest.approx(accuracy_score(y, p >= 0.5))
+    # what training hands it: float32 probabilities and float labels
+    m32 = binary_metrics(p.astype(np.float32), y.astype(np.float32))
+    assert m32["auc"] == pytest.approx(m["auc"], abs=1e-6) and m32["acc"] == m["acc"]
+
+
+def test_binary_metrics_clip_certain_mistakes_and_allow_one_class():
+    m = binary_metrics(np.array([0.0, 1.0, 1.0, 0.0]), np.array([1, 1, 0, 0]))
+    # two certain mistakes cost -log(1e-7) each, two certain hits ~1e-7 each
+    assert m["loss"] == pytest.approx(-np.log(PROB_EPS) / 2, rel=1e-6)
+    assert m["acc"] == 0.5 and m["auc"] == 0.5
+    one = binary_metrics(np.array([0.2, 0.9]), np.array([1, 1]))  # a tiny validation split
+    assert np.isnan(one["auc"]) and one["acc"] == 0.5 and np.isfinite(one["loss"])
+    assert binary_metrics(np.array([0.4, 0.6]), np.array([0, 1]), threshold=0.7)["acc"] == 0.5
+
+
+def test_binary_metrics_need_no_matplotlib_or_torch():
+    code = ("import sys, numpy as np; from pcamtool.evaluate import binary_metrics; "
+            "print(binary_metrics(np.array([0.2, 0.8]), np.array([0, 1]))['auc']); "
+            "print(sorted(m for m in ('matplotlib', 'torch') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["1.0", "[]"]
+
+
+def test_report_scores_come_from_binary_metrics(monkeypatch):
+    p, y = scores()
+    monkeypatch.setattr(evaluate, "binary_metrics", lambda probs, labels, threshold: {
+        "loss": 1.25, "auc": 0.625, "acc": 0.375})
+    r = evaluate_arrays(p, y)
+    assert (r.loss, r.auc, r.accuracy) == (1.25, 0.625, 0.375)
+
+
 def test_matches_sklearn():
     p, y = scores()
     r = evaluate_arrays(p, y)
     assert r.n == len(y) and r.n_positive == int(y.sum())
     assert r.auc == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    assert r.loss == pytest.approx(log_loss(y, np.clip(p, PROB_EPS, 1 - PROB_EPS)), rel=1e-12)
     assert r.accuracy == pytest.approx(accuracy_score(y, p >= 0.5))
     assert r.confusion == confusion_matrix(y, p >= 0.5).tolist()
     assert r.best_confusion == confusion_matrix(y, p >= r.best_threshold).tolist()
@@ -73,14 +116,14 @@ def test_report_dict_and_text():
     r = evaluate_arrays(p, y)
     d = r.to_dict()
     assert json.loads(json.dumps(d)) == d
-    assert set(d) >= {"n", "auc", "accuracy", "best_threshold", "best_accuracy",
+    assert set(d) >= {"n", "auc", "loss", "accuracy", "best_threshold", "best_accuracy",
                       "confusion", "best_confusion"}
     d["confusion"][0][0] = -1  # a copy: the frozen report is unchanged
     assert r.confusion[0][0] >= 0
     with pytest.raises(AttributeError):
         r.auc = 1.0  # type: ignore[misc]
     text = r.format()
-    assert f"{r.auc:.4f}" in text and "TN" in text and "Youden" in text
+    assert f"{r.auc:.4f}" in text and f"{r.loss:.4f}" in text and "TN" in text and "Youden" in text
     assert len(text.splitlines()) <= 6
 
 
@@ -154,10 +197,11 @@ def test_roc_png(tmp_path: Path):
         pixels = np.asarray(im.convert("RGB"))
     assert pixels.std() > 10  # something is drawn
     assert [f.name for f in png.parent.iterdir()] == ["roc.png"]  # no leftover temporary
-    with pytest.raises(ExistsError):
-        evaluate_arrays(p, y, png, force=False)
     before = png.read_bytes()
-    evaluate_arrays(p[::-1].copy(), y, png)  # replaced by default
+    with pytest.raises(ExistsError, match="roc.png: already exists"):
+        evaluate_arrays(p[::-1].copy(), y, png)  # kept unless forced
+    assert png.read_bytes() == before
+    evaluate_arrays(p[::-1].copy(), y, png, force=True)
     assert png.read_bytes() != before
 
 
@@ -168,3 +212,18 @@ def test_submission_with_roc(tmp_path: Path):
     assert isinstance(r, EvalReport) and r.auc == 0.75
     assert (tmp_path / "roc.png").stat().st_size > 1000
     assert "roc.png" in r.format()
+
+
+def test_submission_keeps_an_existing_roc_unless_forced(tmp_path: Path):
+    lab = write_csv(tmp_path / "labels.csv", ["a", "b", "c", "d"], [0, 1, 0, 1])
+    sub = write_csv(tmp_path / "sub.csv", ["a", "b", "c", "d"], [0.1, 0.9, 0.6, 0.4])
+    roc = tmp_path / "roc.png"
+    roc.write_bytes(b"the user's own figure")
+    with pytest.raises(ExistsError, match="roc.png: already exists .*--force"):
+        evaluate_submission(sub, lab, roc_png=roc)
+    with pytest.raises(ExistsError):  # refused before the CSVs are even read
+        evaluate_submission(tmp_path / "missing.csv", lab, roc_png=roc)
+    assert roc.read_bytes() == b"the user's own figure"
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["labels.csv", "roc.png", "sub.csv"]
+    r = evaluate_submission(sub, lab, roc_png=roc, force=True)
+    assert r.roc_png == str(roc) and roc.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,6 +1,7 @@
-"""The model zoo: shapes, the factory's errors, and rebuilding from recorded arguments."""
+"""The model zoo: shapes, the factory's errors, and rebuilding from resolved arguments."""
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -8,19 +9,16 @@ import torch
 
 from pcamtool.tta import dihedral
 from pcamtool.errors import ModelError, PcamError
-from pcamtool.models import DEFAULT_MODEL, CentrePool, create_model, list_models, model_args
+from pcamtool import models
+from pcamtool.models import DEFAULT_MODEL, CentrePool, PlainCNN, create_model, resolve_model_args
 
 # small variants keep the file fast on 2 cores; the defaults are checked once below
 SMALL = {"pcamnet": {"width": 8}, "simple": {"width": 8, "hidden": 16}, "plain4": {"width": 8}}
+# every model of the zoo (test_unknown_model_lists_the_known_ones fails when one is added)
+NAMES = sorted(SMALL)
 
 
-def test_registry_lists_every_model_with_a_description():
-    models = list_models()
-    assert DEFAULT_MODEL == "plain4" and set(models) == {"pcamnet", "simple", "plain4"}
-    assert all(isinstance(v, str) and v for v in models.values())
-
-
-@pytest.mark.parametrize("name", sorted(list_models()))
+@pytest.mark.parametrize("name", NAMES)
 def test_logits_shape_and_dtype(name):
     torch.manual_seed(0)
     net = create_model(name, **SMALL[name])
@@ -34,7 +32,7 @@ def test_logits_shape_and_dtype(name):
     assert single.shape == (1,)
 
 
-@pytest.mark.parametrize("name", sorted(list_models()))
+@pytest.mark.parametrize("name", NAMES)
 def test_default_arguments_build_and_backprop(name):
     torch.manual_seed(0)
     net = create_model(name)
@@ -44,8 +42,10 @@ def test_default_arguments_build_and_backprop(name):
 
 
 def test_unknown_model_lists_the_known_ones():
-    with pytest.raises(ModelError, match=r"unknown model 'resnet9000' \(known: pcamnet, plain4, simple\)"):
-        create_model("resnet9000")
+    assert DEFAULT_MODEL in NAMES
+    for build in (lambda: create_model("resnet9000"), lambda: resolve_model_args("resnet9000", {})):
+        with pytest.raises(ModelError, match=r"unknown model 'resnet9000' \(known: pcamnet, plain4, simple\)$"):
+            build()
     assert issubclass(ModelError, PcamError)
 
 
@@ -71,34 +71,62 @@ def test_full_res_stem_adds_a_full_resolution_layer():
     assert net(torch.randn(2, 3, 96, 96)).shape == (2,)
 
 
-@pytest.mark.parametrize("name", sorted(list_models()))
-def test_recorded_arguments_rebuild_the_same_model(name):
-    net = create_model(name, **SMALL[name])
-    args = model_args(net)
-    assert args["name"] == name and set(SMALL[name]) <= set(args["kwargs"])
-    # every default is recorded, and the record survives JSON (checkpoints, ONNX metadata)
-    again = json.loads(json.dumps(args))
-    assert again == args
-    rebuilt = create_model(again["name"], **again["kwargs"])
-    sd, sd2 = net.state_dict(), rebuilt.state_dict()
-    assert list(sd) == list(sd2) and all(sd[k].shape == sd2[k].shape for k in sd)
-    rebuilt.load_state_dict(sd)
+def same_network(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Same layers and shapes, and with ``a``'s weights ``b`` computes what ``a`` does."""
+    sd, sd2 = a.state_dict(), b.state_dict()
+    if list(sd) != list(sd2) or any(sd[k].shape != sd2[k].shape for k in sd):
+        return False
+    b.load_state_dict(sd)
     x = torch.randn(2, 3, 96, 96)
-    assert torch.equal(net.eval()(x), rebuilt.eval()(x))
+    return torch.equal(a.eval()(x), b.eval()(x))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_resolved_arguments_rebuild_the_same_model(name):
+    resolved = resolve_model_args(name, SMALL[name])
+    # every argument of the factory, the given ones kept, the rest at their defaults
+    params = inspect.signature(models._REGISTRY[name]).parameters
+    assert list(resolved) == list(params)
+    for key, p in params.items():
+        expected = SMALL[name].get(key, p.default)
+        assert resolved[key] == (list(expected) if isinstance(expected, tuple) else expected)
+    # the record survives JSON (checkpoints, ONNX metadata)
+    again = json.loads(json.dumps(resolved))
+    assert again == resolved
+    assert same_network(create_model(name, **SMALL[name]), create_model(name, **again))
+
+
+def test_saved_arguments_outlive_a_changed_default(monkeypatch):
+    saved = json.loads(json.dumps(resolve_model_args("plain4", {"blocks": 2})))
+    original = create_model("plain4", **saved)
+    # a later release changes plain4's default width (and dropout) ...
+    defaults = dict(zip(("width", "blocks", "dropout", "centre_pool"), PlainCNN.__init__.__defaults__))
+    monkeypatch.setattr(PlainCNN.__init__, "__defaults__", (16, defaults["blocks"], 0.5, defaults["centre_pool"]))
+    assert resolve_model_args("plain4", {"blocks": 2})["width"] == 16
+    assert not same_network(original, create_model("plain4", blocks=2))  # the user's kwargs alone no longer do
+    # ... yet the saved arguments rebuild the network exactly
+    rebuilt = create_model("plain4", **saved)
+    assert rebuilt.features[0][0].out_channels == defaults["width"] and rebuilt.dropout.p == defaults["dropout"]
+    assert same_network(original, rebuilt)
+
+
+def test_resolve_rejects_in_one_line_naming_the_valid_arguments():
+    with pytest.raises(ModelError, match=r"^model 'plain4' takes no argument\(s\) depths, widht "
+                                         r"\(it takes: width, blocks, dropout, centre_pool\)$"):
+        resolve_model_args("plain4", {"widht": 3, "depths": [1]})
+    with pytest.raises(ModelError, match="centre_pool must be true or false, got 'False'"):
+        resolve_model_args("plain4", {"centre_pool": "False"})  # --model-arg centre_pool=False
+    with pytest.raises(ModelError, match="arguments must be a mapping"):
+        resolve_model_args("plain4", [("width", 8)])  # type: ignore[arg-type]
 
 
 def test_pcamnet_arguments_change_the_network():
     a = create_model("pcamnet", width=8, depths=[1, 1, 1])
-    b = create_model("pcamnet", width=8, depths=[2, 1, 1])
+    b = create_model("pcamnet", width=8, depths=(2, 1, 1))
     assert len(b.state_dict()) > len(a.state_dict())
-    assert model_args(b)["kwargs"]["depths"] == [2, 1, 1]
+    assert resolve_model_args("pcamnet", {"depths": (2, 1, 1)})["depths"] == [2, 1, 1]
     gap = create_model("pcamnet", width=8, centre_pool=False)
     assert gap.fc.in_features * 2 == a.fc.in_features
-
-
-def test_model_args_of_a_foreign_module():
-    with pytest.raises(ModelError, match="not built by create_model"):
-        model_args(torch.nn.Linear(2, 1))
 
 
 def test_centre_pool_sees_the_centre_and_is_dihedral_invariant():

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -130,7 +129,7 @@ def test_bad_tif_fails_with_its_name_and_no_store(kaggle):
     with pytest.raises(BadImageError, match=bad.name):
         pack(root / "train", progress=False)
     assert not (root / "train.h5").exists()
-    assert not list(root.glob(".*partial"))
+    assert not list(root.glob(".*partial")) and not list(root.glob(".*lock"))
 
 
 def test_skip_bad_lists_skipped(kaggle):
@@ -171,7 +170,7 @@ def test_decode_batches_across_chunks(kaggle, monkeypatch, chunk, batch):
     ("missing_dir", PcamError, "folder not found"),
     ("orphan_label", LabelsError, "have no image"),
     ("unlabelled_image", LabelsError, "no label row"),
-    ("duplicate_id", LabelsError, "duplicate id"),
+    ("duplicate_id", PcamError, "duplicate id"),  # two files a.tif, a.tiff: an error of the folder
     ("bad_header", LabelsError, "expected 'id,label'"),
     ("bad_label", LabelsError, "line 3: label '2' is not 0 or 1"),
     ("short_row", LabelsError, "line 2: expected 2 fields"),
@@ -265,16 +264,17 @@ pack(sys.argv[1], chunk=8, transform=slow, progress=False, workers=1)
 def test_killed_pack_leaves_no_store_and_rerun_finishes(tmp_path):
     ids, images, y = write_kaggle(tmp_path, n=400)
     proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(tmp_path / "train")])
-    partial = tmp_path / ".train.h5.partial"
     deadline = time.time() + 60
-    while not partial.exists() and time.time() < deadline:
+    while not list(tmp_path.glob(".train.h5.*.partial")) and time.time() < deadline:
         time.sleep(0.02)
     time.sleep(0.3)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert partial.exists() and not (tmp_path / "train.h5").exists()
+    [partial] = tmp_path.glob(".train.h5.*.partial")  # named by the dead run's pid
+    assert f".{proc.pid}." in partial.name and not (tmp_path / "train.h5").exists()
     res = pack(tmp_path / "train", progress=False)  # no --force needed: nothing was finished
-    assert not partial.exists()
+    assert not partial.exists()  # a dead run's temporary is cleaned up by the next
+    assert not list(tmp_path.glob(".train.h5*"))
     store = open_store(res.path)
     assert np.array_equal(store.gather(np.arange(400)), images[np.argsort(ids)])
 

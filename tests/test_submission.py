@@ -1,6 +1,7 @@
 """submission: row order, shard parsing and slicing, merging shards with every check."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -192,3 +193,31 @@ def test_merge_bad_inputs(tmp_path: Path):
     bad.write_text("id,label\na,0.1\na,0.2\n")
     with pytest.raises(LabelsError, match="bad.csv: line 3: duplicate id a"):
         merge_shards([bad], None)
+
+
+# ---- a missing shard without --sample ------------------------------------
+
+def test_merge_without_sample_notices_a_missing_shard_by_name(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("pcamtool"), "propagate", True)  # the CLI tests turn it off
+    a = write_csv(tmp_path / "sub.0of3.csv", ["a", "b"], [0.1, 0.2])
+    c = write_csv(tmp_path / "sub.2of3.csv", ["e"], [0.5])
+    with pytest.raises(PcamError, match=r"shard\(s\) 1of3 missing: 2 file\(s\) given for 3 shards"):
+        merge_shards([a, c])
+    b = write_csv(tmp_path / "sub.1of3.csv", ["c", "d"], [0.3, 0.4])
+    with caplog.at_level("WARNING", logger="pcamtool"):
+        ids, probs = merge_shards([c, a, b])
+    assert ids == ["a", "b", "c", "d", "e"] and not caplog.records
+    other = write_csv(tmp_path / "x_0-of-2.csv", ["z"], [0.9])
+    with pytest.raises(PcamError, match="disagree on the number of shards"):
+        merge_shards([a, other])
+
+
+def test_merge_without_sample_or_shard_names_warns(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("pcamtool"), "propagate", True)
+    a = write_csv(tmp_path / "first.csv", ["a"], [0.1])
+    b = write_csv(tmp_path / "second.csv", ["b"], [0.2])
+    with caplog.at_level("WARNING", logger="pcamtool"):
+        ids, _ = merge_shards([a, b])
+    assert ids == ["a", "b"]
+    assert any("missing shard cannot be noticed" in r.getMessage() and "--sample" in r.getMessage()
+               for r in caplog.records)

@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 import tifffile
 
-import pcamtool.synth.dataset as synth
-from pcamtool.errors import ExistsError
-from pcamtool.synth import render as R
+import pcamtool.synth as synth
+from pcamtool.errors import ExistsError, PcamError
+from pcamtool.synth import schema as R
+from pcamtool.synth.kaggle_tiff import TIFF_HEADER, TIFF_SIZE
+
+from oracles import render_split, tumour_touches_centre
 
 HEX40 = re.compile(r"^[0-9a-f]{40}$")
 
@@ -38,7 +41,7 @@ def small(tmp_path_factory) -> tuple[Path, synth.SynthSummary]:
 @pytest.fixture(scope="module")
 def train_render() -> synth.Rendered:
     """1,200 train patches with their cell lists, painted once for several tests."""
-    return synth.render_split(1200, seed=0, split="train", with_cells=True)
+    return render_split(1200, seed=0, split="train", with_cells=True)
 
 
 # ---------------------------------------------------------------- files
@@ -72,7 +75,7 @@ def test_ids_unique_hex(small):
 def test_tifs_have_kaggle_layout(small):
     out, _ = small
     for path in list((out / "train").iterdir())[:8] + list((out / "test").iterdir())[:4]:
-        assert path.stat().st_size == synth.TIFF_SIZE == 27935
+        assert path.stat().st_size == TIFF_SIZE == 27935
         img = tifffile.imread(path)
         assert img.shape == (96, 96, 3) and img.dtype == np.uint8
         with tifffile.TiffFile(path) as tf:
@@ -86,8 +89,8 @@ def test_tifs_have_kaggle_layout(small):
 def test_header_matches_real_kaggle_file(real_dir):
     first = sorted((real_dir / "train").iterdir())[0].read_bytes()
     # Identical but for the 20-byte DateTime string at the very end of the header.
-    assert synth.TIFF_HEADER[:267] == first[:267]
-    assert len(first) == synth.TIFF_SIZE
+    assert TIFF_HEADER[:267] == first[:267]
+    assert len(first) == TIFF_SIZE
 
 
 def test_same_seed_same_bytes_other_seed_differs(small, tmp_path):
@@ -102,14 +105,14 @@ def test_same_seed_same_bytes_other_seed_differs(small, tmp_path):
 
 
 def test_batching_and_threads_do_not_change_pixels():
-    whole = synth.render_split(40, seed=3, split="test")
+    whole = render_split(40, seed=3, split="test")
     parts = list(synth.iter_split(40, seed=3, split="test", batch=7, workers=2))
     assert np.array_equal(np.concatenate([p.images for p in parts]), whole.images)
     assert np.array_equal(np.concatenate([p.labels for p in parts]), whole.labels)
 
 
 def test_negative_seed_is_fine():
-    assert synth.render_split(3, seed=-5).images.shape == (3, 96, 96, 3)
+    assert render_split(3, seed=-5).images.shape == (3, 96, 96, 3)
 
 
 def test_refuses_nonempty_out_without_force(tmp_path):
@@ -122,6 +125,33 @@ def test_refuses_nonempty_out_without_force(tmp_path):
     res = synth.generate(out, n_train=6, n_test=3, seed=2, force=True, progress=False)
     assert len(list(res.train_dir.iterdir())) == 6 and len(list(res.test_dir.iterdir())) == 3
     assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_force_never_deletes_files_synth_did_not_write(tmp_path):
+    out = tmp_path / "d"
+    synth.generate(out, n_train=4, n_test=2, progress=False)
+    (out / "train" / "my_notes.txt").write_text("mine")
+    (out / "test" / "scan.tif").write_bytes(b"a user's own tif")
+    for leftover in ("my_notes.txt", "scan.tif"):
+        with pytest.raises(PcamError, match=f"synth did not write \\({leftover}\\)"):
+            synth.generate(out, n_train=6, n_test=3, force=True, progress=False)
+        assert len(list((out / "train").glob("*.tif"))) == 4  # nothing replaced
+        assert (out / "test" / "scan.tif").read_bytes() == b"a user's own tif"
+        (out / ("train" if leftover.endswith(".txt") else "test") / leftover).unlink()
+    res = synth.generate(out, n_train=6, n_test=3, force=True, progress=False)
+    assert len(list(res.train_dir.iterdir())) == 6 and len(list(res.test_dir.iterdir())) == 3
+    assert not list(out.glob(".*"))
+
+
+def test_a_second_run_into_the_same_folder_is_refused(tmp_path):
+    from pcamtool.io.fsutil import output_lock
+
+    out = tmp_path / "d"
+    out.mkdir()
+    with output_lock(out / "train_labels.csv"):  # what a run still writing there holds
+        with pytest.raises(PcamError, match="another process"):
+            synth.generate(out, n_train=2, n_test=1, progress=False)
+    assert not list(out.iterdir())
 
 
 def test_leftovers_of_a_killed_run_are_not_data(tmp_path):
@@ -145,7 +175,7 @@ def test_positive_fraction_and_blanks(train_render):
 
 def test_label_is_tumour_touching_the_centre(train_render):
     r = train_render
-    geometric = np.array([synth.tumour_touches_centre(c) for c in r.cells])
+    geometric = np.array([tumour_touches_centre(c) for c in r.cells])
     assert np.array_equal(geometric, r.labels.astype(bool))
     assert np.array_equal(r.tumour_mask[:, 32:64, 32:64].any((1, 2)), r.labels.astype(bool))
     has_tumour = np.array([(c[:, R.C_KIND] == R.KIND_TUMOUR).any() for c in r.cells])
@@ -159,8 +189,8 @@ def test_test_split_comes_from_another_stain_centre():
         od = -np.log10((images.astype(np.float64) + 1) / 256)
         return od[od.sum(-1) > 0.3].mean(0)  # tissue pixels only
 
-    tr = od_colour(synth.render_split(450, seed=0, split="train").images)
-    te = od_colour(synth.render_split(450, seed=0, split="test").images)
+    tr = od_colour(render_split(450, seed=0, split="train").images)
+    te = od_colour(render_split(450, seed=0, split="test").images)
     angle = np.degrees(np.arccos(tr @ te / np.linalg.norm(tr) / np.linalg.norm(te)))
     assert angle > 3.0
     assert tr[2] / tr[0] - te[2] / te[0] > 0.1  # the test centre's hematoxylin is bluer
@@ -197,10 +227,10 @@ def test_plain_python_kernels_paint_the_same_bytes(tmp_path):
     import subprocess
     import sys
 
-    code = ("import numpy as np, sys; from pcamtool.synth import dataset as synth; "
-            "np.save(sys.argv[1], synth.render_split(2, seed=3, split='test').images)")
+    code = ("import numpy as np, sys; from pcamtool.synth import iter_split; "
+            "np.save(sys.argv[1], next(iter_split(2, seed=3, split='test')).images)")
     env = {**__import__("os").environ, "PCAMTOOL_NUMBA": "0"}
     subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", code, str(tmp_path / "p.npy")],
                    check=True, env=env, timeout=120)
     plain = np.load(tmp_path / "p.npy")
-    assert np.array_equal(plain, synth.render_split(2, seed=3, split="test").images)
+    assert np.array_equal(plain, render_split(2, seed=3, split="test").images)

@@ -1,6 +1,8 @@
 """The fast reader gives tifffile's pixels for every TIFF variant and names bad files."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import tifffile
@@ -212,3 +214,169 @@ def test_native_reader_matches_python_reader(tmp_path, monkeypatch):
     assert pixel_offset(data[:off].copy(), off) == off
     tail = np.frombuffer(open(paths[specs.index("trailing")], "rb").read(), np.uint8)
     assert pixel_offset(tail, tail.size) == off and off + 96 * 96 * 3 < tail.size  # read whole instead
+
+
+# ---------------------------------------------------------------- hostile files (issue 14)
+
+def _kaggle_tif(**tags) -> bytes:
+    """A Kaggle-layout tif (one little-endian IFD of 15 entries at offset 8) with some entries changed.
+
+    ``tags`` maps ``t<number>`` to ``(type, count, value)``; None keeps that part.
+    """
+    import struct
+
+    from pcamtool.synth.kaggle_tiff import encode_tiff
+
+    data = bytearray(encode_tiff(random_patches(1, seed=8)[0]))
+    for e in range(15):
+        p = 10 + 12 * e
+        tag, typ, count = struct.unpack_from("<HHI", data, p)
+        if f"t{tag}" in tags:
+            new_typ, new_count, value = tags[f"t{tag}"]
+            typ = typ if new_typ is None else new_typ
+            struct.pack_into("<HI", data, p + 2, typ, count if new_count is None else new_count)
+            if value is not None:
+                struct.pack_into("<HH" if typ == 3 else "<I", data, p + 8, *((value, 0) if typ == 3 else (value,)))
+    return bytes(data)
+
+
+def test_huge_declared_image_refused_before_decoding(tmp_path):
+    """A 460 KB file declaring 12000x12000x3 costs kilobytes, not its declared 432 MB."""
+    import tracemalloc
+
+    path = tmp_path / "huge.tif"
+    path.write_bytes(_kaggle_tif(t256=(None, None, 12000), t257=(None, None, 12000),
+                                 t279=(None, None, 12000 * 12000 * 3)) + bytes(440_000))
+    tracemalloc.start()
+    try:
+        with pytest.raises(BadImageError, match="image is 12000x12000x3 uint8, expected 96x96x3 uint8"):
+            read_patch(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20e6
+
+
+@pytest.mark.parametrize("tags,expect", [
+    (dict(t256=(99, None, None)), "damaged image directory (tag 256: invalid data type 99)"),
+    (dict(t258=(12, None, None)), "image is 96x96x3 float64, expected 96x96x3 uint8"),
+    (dict(t339=(None, None, 3)), "image is 96x96x3 float64, expected 96x96x3 uint8"),
+    (dict(t277=(None, None, 1)), "image is 96x96x1 uint8, expected 96x96x3 uint8"),
+    (dict(t259=(None, None, 7)), "pixel data cannot be decoded (Not a JPEG file"),
+    (dict(t256=(None, None, 0)), "not a readable TIFF (damaged image directory"),
+    (dict(t279=(None, None, 4 * 27648), t256=(None, None, 192)), "image is 96x192x3 uint8"),
+    (dict(t258=(1, None, None)), "expected 96x96x3 uint8"),
+])
+def test_crafted_ifd_named_in_user_terms_without_log_lines(tmp_path, capfd, caplog, tags, expect):
+    """A crafted IFD gets one line saying what is wrong; tifffile's log lines and warnings reach nobody."""
+    import warnings
+
+    path = tmp_path / "crafted.tif"
+    path.write_bytes(_kaggle_tif(**tags))
+    with pytest.raises(BadImageError) as info, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        read_patch(path)
+    assert not [str(w.message) for w in caught]
+    assert expect in str(info.value) and str(path) in str(info.value)
+    assert "image is 0" not in str(info.value)
+    assert capfd.readouterr().err == ""
+    assert not [r for r in caplog.records if r.name.startswith("tifffile")]
+
+
+def test_whatever_tifffile_logs_or_warns_stays_in_the_message(tmp_path, monkeypatch, capfd):
+    """Fuzzing found tifffile's numpy arithmetic warning on stderr (overflow on crafted BitsPerSample
+    values): a read contains tifffile's warnings and log lines, and the log says what went wrong."""
+    import logging
+    import warnings
+
+    class Crafted:
+        def __init__(self, path):
+            np.uint16(8) - np.uint16(16)  # what tifffile's tag arithmetic does on such values
+            logging.getLogger("tifffile").error("<tifffile.TiffTag 258 @34> invalid value")
+            raise IndexError("tuple index out of range")
+
+    monkeypatch.setattr(tifffile, "TiffFile", Crafted)
+    path = tmp_path / "crafted.tif"
+    path.write_bytes(b"II*\0" + bytes(100))
+    with pytest.raises(BadImageError, match=r"damaged image directory \(tag 258: invalid value\)"), \
+            warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        read_patch(path)
+    assert not caught and capfd.readouterr().err == ""
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_unreadable_entries_are_listed_and_named(tmp_path, monkeypatch, native):
+    """A broken symlink, a folder or a FIFO named x.tif is a bad image with its reason, never dropped."""
+    import pcamtool.io.tiff as T
+
+    if native and not T.NATIVE_IO:
+        pytest.skip("kernels cannot call C here")
+    monkeypatch.setattr(T, "NATIVE_IO", native)
+    img = random_patches(1, seed=2)[0]
+    tifffile.imwrite(tmp_path / "good.tif", img, photometric="rgb")
+    (tmp_path / "gone.tif").symlink_to(tmp_path / "nowhere.tif")
+    (tmp_path / "dir.tif").mkdir()
+    os.mkfifo(tmp_path / "pipe.tif")  # opening it for reading must not block
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "sub").mkdir()
+    listing = T.list_tifs(tmp_path)
+    assert listing.ids == ["dir", "gone", "good", "pipe"] and listing.others == ["notes.txt"]
+    out = np.zeros((4, 96, 96, 3), np.uint8)
+    errors = T.read_into(listing.paths, out)
+    assert errors[2] is None and np.array_equal(out[2], img)
+    assert "is a directory" in str(errors[0]) and "dir.tif" in str(errors[0])
+    assert "broken symbolic link" in str(errors[1]) and "gone.tif" in str(errors[1])
+    assert "not a regular file" in str(errors[3]) and "pipe.tif" in str(errors[3])
+
+
+# ---------------------------------------------------------------- the fast path declines what it cannot be sure of
+
+def _decode_status(data: bytes) -> int:
+    buf = np.frombuffer(data, np.uint8).copy()
+    return decode_tiff(buf, buf.size, np.empty((96, 96, 3), np.uint8))
+
+
+@pytest.mark.parametrize("case", ["bits_count_0", "bits_count_2", "width_count_0", "fill_order_2", "duplicate_strips",
+                                  "strip_offset_0"])
+def test_fast_path_declines_ambiguous_tags(tmp_path, case):
+    """Each of these once decoded where tifffile reads otherwise (or not at all); now tifffile decides."""
+    import struct
+
+    if case == "duplicate_strips":  # entry 0 (NewSubfileType) becomes a second StripOffsets, 100 bytes later
+        data = bytearray(_kaggle_tif())
+        struct.pack_into("<HHII", data, 10, 273, 4, 1, 387)
+        data = bytes(data)
+    elif case == "fill_order_2":  # entry 0 becomes FillOrder = 2 (bits reversed in every byte)
+        data = bytearray(_kaggle_tif())
+        struct.pack_into("<HHIHH", data, 10, 266, 3, 1, 2, 0)
+        data = bytes(data)
+    else:
+        data = _kaggle_tif(**{"bits_count_0": dict(t258=(None, 0, None)), "bits_count_2": dict(t258=(None, 2, None)),
+                              "width_count_0": dict(t256=(None, 0, None)),
+                              "strip_offset_0": dict(t273=(None, None, 0))}[case])  # found by the fuzz test
+    assert _decode_status(data) == FALLBACK
+    path = tmp_path / f"{case}.tif"
+    path.write_bytes(data)
+    try:
+        theirs = tifffile.imread(path)
+    except Exception:  # noqa: BLE001 - tifffile refusing it is one acceptable outcome
+        with pytest.raises(BadImageError):
+            read_patch(path)
+    else:
+        if theirs.shape == (96, 96, 3) and theirs.dtype == np.uint8:
+            assert np.array_equal(read_patch(path), theirs)
+
+
+def test_huge_bits_per_sample_count_does_not_hang(tmp_path):
+    """BitsPerSample with 2**31 values once looped over all of them (30 s jitted, hours in plain Python)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "bits.tif"
+    path.write_bytes(_kaggle_tif(t258=(None, 2 ** 31 - 1, None)))
+    code = ("import sys, numpy as np; from pcamtool.kernels.decode import decode_tiff; "
+            "b = np.fromfile(sys.argv[1], np.uint8); print(decode_tiff(b, b.size, np.empty((96, 96, 3), np.uint8)))")
+    env = {**os.environ, "PCAMTOOL_NUMBA": "0"}  # plain Python: a loop over the count could never finish
+    done = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == str(FALLBACK)

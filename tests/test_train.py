@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ import torch
 
 from pcamtool import pack
 from pcamtool.config import AugmentConfig
-from pcamtool.train.checkpoint import build_model, load_checkpoint
+from pcamtool.train.runs import build_model, load_checkpoint
 from pcamtool.config import TrainConfig
 from pcamtool.errors import PcamError
 from pcamtool.train.loop import fit
@@ -85,9 +84,9 @@ def test_learns_the_centre(store, tmp_path):
 
 
 def test_resume_continues_to_the_same_result(store, tmp_path):
-    full = fit(tiny(store, tmp_path / "full", epochs=3), progress=False)
-    # a run "killed" after epoch 2: same config, resumed to 3
-    part_cfg = tiny(store, tmp_path / "part", epochs=3)
+    full = fit(tiny(store, tmp_path / "full", epochs=3, ema=0.9), progress=False)
+    # a run "killed" after epoch 2: same config, resumed to 3 (EMA weights restored too)
+    part_cfg = tiny(store, tmp_path / "part", epochs=3, ema=0.9)
     script = (
         "import sys, pcamtool.train.loop as t\n"
         "from pcamtool.config import TrainConfig\n"
@@ -118,11 +117,6 @@ def test_resume_mismatch_and_bad_stores(store, tmp_path):
     unl = pack(tmp_path / "u" / "test", progress=False).path
     with pytest.raises(PcamError, match="no labels"):
         fit(tiny(unl, tmp_path / "z"), progress=False)
-
-
-def test_nan_loss_stops_cleanly(store, tmp_path):
-    with pytest.raises(PcamError, match="loss became"):
-        fit(tiny(store, tmp_path / "nan", lr=1e30, epochs=1, optimizer="sgd"), progress=False)
 
 
 def test_config_validation():
@@ -176,7 +170,7 @@ def test_default_epochs_are_resolved_and_recorded(store, tmp_path, monkeypatch):
     res = fit(tiny(store, tmp_path / "auto", epochs=None), progress=False)
     assert seen and seen[0] == res_rows(res)
     cfg = json.loads((res.run_dir / "config.json").read_text())
-    assert cfg["epochs"] == 1 and res.epochs_run == 1
+    assert cfg["epochs"] == 1 and res.last_epoch == 1
 
 
 def res_rows(res) -> int:

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from pcamtool.errors import PcamError
-from pcamtool.tta import (dihedral, dihedral_all, dihedral_batch, dihedral_inverse, dihedral_np, tta_batch,
-                          tta_batch_np, tta_transforms)
+from pcamtool.tta import dihedral, dihedral_batch, dihedral_inverse, dihedral_np, tta_mean, tta_transforms
 
 
 def batch(n: int = 6, seed: int = 0) -> torch.Tensor:
@@ -20,6 +19,19 @@ def batch(n: int = 6, seed: int = 0) -> torch.Tensor:
 
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def tta_batch(x: torch.Tensor, n: int, dims: tuple[int, int] = (1, 2)) -> torch.Tensor:
+    """The ``n`` TTA copies of a batch concatenated ``k``-major: ``(n * B, ...)``."""
+    return torch.cat([dihedral(x, k, dims) for k in tta_transforms(n)])
+
+
+def tta_batch_np(x: np.ndarray, n: int, axes: tuple[int, int] = (1, 2)) -> np.ndarray:
+    return np.concatenate([dihedral_np(x, k, axes) for k in tta_transforms(n)])
+
+
+def dihedral_all(x: torch.Tensor, dims: tuple[int, int] = (1, 2)) -> torch.Tensor:
+    return tta_batch(x, 8, dims)
 
 
 # ------------------------------------------------------------------ dihedral
@@ -102,6 +114,25 @@ def test_tta_batches_are_k_major_and_agree_across_libraries():
     avg = score(dihedral_all(nhwc)).view(8, 3).mean(0)
     avg_rot = score(dihedral_all(dihedral(nhwc, 5, dims=(1, 2)))).view(8, 3).mean(0)
     assert torch.allclose(avg, avg_rot) and not torch.allclose(score(nhwc), avg)
+
+
+def test_tta_mean_calls_once_per_transform_and_averages():
+    nhwc = torch.randint(0, 256, (3, 96, 96, 3), dtype=torch.uint8, generator=gen(1)).numpy()
+    calls = []
+
+    def run(x: np.ndarray) -> np.ndarray:
+        calls.append(x.shape)
+        assert x.flags.c_contiguous  # onnxruntime binds the memory as it is
+        return x[:, :10, :5, 0].astype(np.float64).sum((1, 2))
+
+    for n in (1, 4, 8):
+        calls.clear()
+        got = tta_mean(run, nhwc, tta_transforms(n))
+        assert calls == [(3, 96, 96, 3)] * n
+        want = np.mean([run(tta_batch_np(nhwc, n)[3 * i:3 * i + 3]) for i in range(n)], axis=0)
+        assert np.allclose(got, want)
+    rotated = np.ascontiguousarray(dihedral_np(nhwc, 3))
+    assert np.allclose(tta_mean(run, nhwc, tta_transforms(8)), tta_mean(run, rotated, tta_transforms(8)))
 
 
 # --------------------------------------------------------------- augmentation

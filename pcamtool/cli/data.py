@@ -43,12 +43,14 @@ def pack(src: Path, labels: Path | None, out: Path | None, workers: int | None, 
 @cli.command()
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON on stdout.")
+@click.option("--check", is_flag=True,
+              help="Also read every pixel and verify the store fully (exit 1 naming the first problem).")
 @handle_errors
-def info(store: Path, as_json: bool) -> None:
+def info(store: Path, as_json: bool, check: bool) -> None:
     """Describe a store: counts, balance, statistics, layout, skipped files."""
     from ..info import format_info, store_info
 
-    data = store_info(store)
+    data = store_info(store, check=check, progress=progress_enabled())
     click.echo(json.dumps(data, indent=2) if as_json else format_info(data))
 
 
@@ -73,13 +75,14 @@ def synth(out: Path, n_train: int, n_test: int, seed: int, force: bool) -> None:
               help="Folder for the figures.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Look at a random N patches only.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed for samples.")
+@skip_bad_option
+@click.option("--force", is_flag=True, help="Overwrite the figures and outliers.csv of an earlier run.")
 @handle_errors
-def eda(src: Path, out: Path, limit: int | None, seed: int) -> None:
+def eda(src: Path, out: Path, limit: int | None, seed: int, skip_bad: bool, force: bool) -> None:
     """Figures of a store or tif folder: balance, samples, histograms, outliers."""
-    from ..eda import load_for_eda, run_eda
+    from ..eda import eda as eda_fn
 
-    images, labels, ids = load_for_eda(src, limit, seed)
-    rep = run_eda(images, labels, ids, out, seed=seed, title=src.name)
+    rep = eda_fn(src, out, limit=limit, seed=seed, force=force, skip_bad=skip_bad)
     for p in rep.figures:
         click.echo(str(p))
     log.info("%s; %d near-white and %d near-black outliers (listed in %s)",

@@ -2,27 +2,45 @@
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Callable
 
 import click
 
 from ..errors import PcamError
 
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, what shells report for a Ctrl-C'd command
+
 
 def handle_errors(fn: Callable) -> Callable:
-    """Map library errors to one clear line and exit status 1 (no traceback)."""
+    """Map library errors to one clear line and exit status 1, Ctrl-C to one line and 130 (no traceback).
+
+    ``PCAMTOOL_DEBUG=1`` lets the traceback through, for bug reports.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if os.environ.get("PCAMTOOL_DEBUG"):
+            return fn(*args, **kwargs)
         try:
             return fn(*args, **kwargs)
         except PcamError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(one_line(str(exc))) from None
         except OSError as exc:  # disk full, permissions: the user's to fix, not a bug
             where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-            raise click.ClickException(f"{where}{exc.strerror or exc}") from None
+            raise click.ClickException(one_line(f"{where}{exc.strerror or exc}")) from None
+        except KeyboardInterrupt as exc:
+            # pcamtool.errors.Interrupted says what was kept; a bare Ctrl-C elsewhere says nothing.
+            click.echo(f"Interrupted: {one_line(str(exc))}" if str(exc) else "Interrupted.", err=True)
+            raise SystemExit(INTERRUPTED_EXIT) from None
 
     return wrapper
+
+
+def one_line(text: str) -> str:
+    """The first line of a message (a library's multi-line text would break the one-line promise)."""
+    text = text.strip()
+    return text.splitlines()[0] if text else text
 
 
 def progress_enabled() -> bool:

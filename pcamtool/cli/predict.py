@@ -1,4 +1,4 @@
-"""Commands that use a trained model: export, infer, merge, evaluate."""
+"""Commands that use a trained model (export, infer, merge, evaluate) and ``doctor``."""
 from __future__ import annotations
 
 import json
@@ -24,68 +24,74 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None):
 
 
 
+provider_option = click.option(
+    "--provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto", show_default=True,
+    help="onnxruntime provider (auto: TensorRT, CUDA, then CPU: the best that loads here).")
+
+
 @cli.command()
 @click.argument("source", required=False, type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), default=None,
-              help="ONNX file to write (default: model.onnx in the run folder).")
+              help="ONNX file to write (default: model.onnx, with --int8 model-int8.onnx, in the run folder).")
 @click.option("--fp16", is_flag=True, help="Half-precision weights (for GPUs; looser parity bound 2e-2).")
+@click.option("--int8", is_flag=True,
+              help="Static int8 quantization for CPUs, calibrated on the training store and refused unless "
+                   "its validation AUC is within 0.002 of fp32's.")
+@click.option("--calibration-images", type=click.IntRange(64), default=2048, show_default=True,
+              help="Training images that calibrate --int8.")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset.")
 @click.option("--store", "store_path", type=click.Path(path_type=Path), default=None,
-              help="Store whose images check the export (default: the one the model was trained on).")
+              help="Store whose images check (and calibrate --int8) the export "
+                   "(default: the one the model was trained on).")
+@provider_option
 @force_option
 @handle_errors
-def export(source: Path | None, out: Path | None, fp16: bool, opset: int, store_path: Path | None,
-           force: bool) -> None:
-    """Export a run (default: the latest run's best.pt) to ONNX, checked against PyTorch."""
+def export(source: Path | None, out: Path | None, fp16: bool, int8: bool, calibration_images: int, opset: int,
+           store_path: Path | None, provider: str, force: bool) -> None:
+    """Export a run (default: the latest run's best.pt) to ONNX, checked against PyTorch.
+
+    The parity check runs on --provider: the one 'infer' will use (the CPU for --int8).
+    """
     from ..export import export_onnx
 
-    res = export_onnx(source, out, fp16=fp16, opset=opset, store_path=store_path, force=force)
-    log.info("wrote %s (parity %.1e on %d images)", res.path, res.max_abs_diff, res.checked_images)
+    res = export_onnx(source, out, fp16=fp16, opset=opset, store_path=store_path, force=force,
+                      provider=provider, int8=int8, calibration_images=calibration_images)
+    log.info("wrote %s (parity %.1e on %d images, %s)", res.path, res.max_abs_diff, res.checked_images,
+             res.provider)
 
 
 @cli.command()
 @click.argument("src", required=False, type=click.Path(path_type=Path))
 @click.option("-m", "--model", "models", multiple=True, type=click.Path(path_type=Path),
-              help="ONNX model(s); several are averaged (default: the latest run's model.onnx).")
-@click.option("--tta", type=click.Choice(["1", "2", "4", "8"]), default="8", show_default=True,
-              help="Dihedral test-time augmentations averaged per image.")
+              help="ONNX model(s), or a 'pcamtool cv' folder (all its folds); several are averaged "
+                   "(default: the latest run's model.onnx).")
+@click.option("--average", type=click.Choice(["mean", "rank"]), default="mean", show_default=True,
+              help="How an ensemble is combined: mean probability, or mean normalized rank (not with --shard).")
+@click.option("--tta", type=click.Choice(["1", "2", "4", "8"]), default=None,
+              help="Dihedral test-time augmentations averaged per image (default: the model's, 8).")
 @click.option("--batch-size", type=click.IntRange(1, 65536), default=256, show_default=True,
-              help="Images per onnxruntime call (each TTA copy counts once more).")
-@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto",
-              show_default=True, help="onnxruntime provider (auto: TensorRT, CUDA, then CPU, as usable).")
+              help="Images per onnxruntime call (on the CPU each TTA copy is one more call).")
+@provider_option
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), default=None,
               help="Write the CSV here (atomically) instead of stdout.")
 @click.option("--shard", callback=_parse_shard, default=None, metavar="I/N",
-              help="Only the I-th (0-based) of N disjoint slices; join them with 'pcamtool merge'.")
+              help="Only the I-th (0-based) of N disjoint slices; join them with 'pcamtool merge' "
+                   "(name them like sub.IofN.csv so merge can check none is missing).")
 @click.option("--sample", type=click.Path(path_type=Path), default=None,
               help="sample_submission.csv giving row order (default: the one beside SRC, if any).")
 @click.option("--workers", type=click.IntRange(1, 256), default=None, help="Decoding threads.")
 @skip_bad_option
 @force_option
 @handle_errors
-def infer(src: Path | None, models: tuple[Path, ...], tta: str, batch_size: int, provider: str,
-          out: Path | None, shard, sample: Path | None, workers: int | None, skip_bad: bool, force: bool) -> None:
+def infer(src: Path | None, models: tuple[Path, ...], average: str, tta: str | None, batch_size: int,
+          provider: str, out: Path | None, shard, sample: Path | None, workers: int | None, skip_bad: bool,
+          force: bool) -> None:
     """Predict tumour probabilities: writes a Kaggle submission (id,label) to stdout."""
-    from ..io.csvio import format_rows, write_rows
-    from ..io.fsutil import check_writable
-    from ..infer import default_source, predict, sample_beside
-    from ..submission import order_like_sample
+    from ..infer import write_submission
 
-    if out is not None:
-        check_writable(out, force)
-    src = src if src is not None else default_source()
-    pred = predict(src, list(models) or None, tta=int(tta), batch_size=batch_size, provider=provider,
-                   shard=shard, skip_bad=skip_bad, workers=workers, progress=progress_enabled())
-    sample = sample if sample is not None else (None if shard else sample_beside(src))
-    ids, probs = order_like_sample(pred.ids, pred.probs, sample,
-                                   allow_missing={Path(p).stem for p, _ in pred.skipped})
-    log.info("%d predictions (tta %s, %s)%s", len(ids), tta, pred.providers[0],
-             f", {len(pred.skipped)} skipped" if pred.skipped else "")
-    if out is None:
-        sys.stdout.write(format_rows(ids, probs))  # whole text at once: no partial CSV on failure
-        sys.stdout.flush()
-    else:
-        write_rows(out, ids, probs, force=force)
+    write_submission(src, list(models) or None, out, sample, tta=int(tta) if tta else None,
+                     batch_size=batch_size, provider=provider, shard=shard, skip_bad=skip_bad,
+                     workers=workers, force=force, progress=progress_enabled(), average=average)
 
 
 @cli.command()
@@ -112,10 +118,22 @@ def merge(shards: tuple[Path, ...], sample: Path | None, out: Path | None, force
 @click.option("--roc", type=click.Path(path_type=Path), default=Path("roc.png"), show_default=True,
               help="Where to draw the ROC curve.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON on stdout.")
+@force_option
 @handle_errors
-def evaluate(submission: Path, labels: Path, roc: Path, as_json: bool) -> None:
+def evaluate(submission: Path, labels: Path, roc: Path, as_json: bool, force: bool) -> None:
     """Score a submission against labels: ROC AUC, accuracy, confusion matrix, roc.png."""
     from ..evaluate import evaluate_submission
 
-    report = evaluate_submission(submission, labels, roc_png=roc)
+    report = evaluate_submission(submission, labels, roc_png=roc, force=force)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON on stdout.")
+@handle_errors
+def doctor(as_json: bool) -> None:
+    """What this machine is and what pcamtool will do on it (GPUs, precision, providers)."""
+    from ..doctor import diagnose, format_report
+
+    report = diagnose()
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))

@@ -1,6 +1,9 @@
-"""Kaggle CSV files: ``id,label`` tables for labels, submissions and answer keys.
+"""Every ``id,value`` CSV pcamtool reads or writes: labels, submissions, answer keys, outlier lists.
 
-Readers are strict (a malformed row names its line); writers are atomic.
+Readers are strict (a malformed row names its line); writers are atomic and
+quote with the csv module where a field needs it, so any id (a comma, a quote,
+a newline, non-ASCII) reads back as written. Surrounding spaces of ids and
+values are not kept: readers strip them.
 """
 from __future__ import annotations
 
@@ -11,8 +14,8 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from ..errors import LabelsError
-from .fsutil import atomic_path
+from ..errors import LabelsError, PcamError
+from .fsutil import atomic_path, utf8_ok
 
 
 def read_id_table(path: str | os.PathLike, value: str = "label", kind: str = "labels",
@@ -32,7 +35,9 @@ def read_id_table(path: str | os.PathLike, value: str = "label", kind: str = "la
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        # newline="": a quoted id may hold "\r" or "\n"; the csv module splits rows itself.
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            text = fh.read()
     except FileNotFoundError:
         raise LabelsError(f"{path}: {kind} file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -41,7 +46,7 @@ def read_id_table(path: str | os.PathLike, value: str = "label", kind: str = "la
         table = _plain_labels(text, value)
         if table is not None:
             return table  # type: ignore[return-value]
-    rows = csv.reader(io.StringIO(text))
+    rows = csv.reader(io.StringIO(text, newline=""))
     header = next(rows, None)
     if header is None:
         raise LabelsError(f"{path}: empty {kind} file (expected header 'id,{value}')")
@@ -50,7 +55,8 @@ def read_id_table(path: str | os.PathLike, value: str = "label", kind: str = "la
         raise LabelsError(f"{path}: header is {','.join(header)!r}, expected 'id,{value}'")
     ci, cv = header.index("id"), header.index(value)
     table: dict[str, float] = {}
-    for line, row in enumerate(rows, start=2):
+    for row in rows:
+        line = rows.line_num  # the file's line, also after a quoted field spanning lines
         if not row or all(not c.strip() for c in row):
             continue
         if len(row) != len(header):
@@ -102,16 +108,57 @@ def read_labels(path: str | os.PathLike) -> dict[str, int]:
     return read_id_table(path)  # type: ignore[return-value]
 
 
+def format_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """CSV text with ``\\n`` line ends; fields holding a comma, quote or line break are quoted.
+
+    Raises
+    ------
+    PcamError
+        A field that cannot be UTF-8 (an id taken from a file name of
+        undecodable bytes): named here, not as a ``UnicodeEncodeError`` later.
+    """
+    table = [tuple(map(str, header))] + [tuple(map(str, row)) for row in rows]
+    text = "".join(",".join(row) + "\n" for row in table)
+    try:
+        text.encode("utf-8")  # ~1 ms for a 57,458-row submission
+    except UnicodeEncodeError:
+        bad = next(f for row in table for f in row if not utf8_ok(f))
+        raise PcamError(f"{bad!r} is not valid UTF-8 text and cannot go into a CSV "
+                        "(a file name of undecodable bytes? rename the file)") from None
+    # Nothing to quote (every Kaggle file) when the plain join has no quote or
+    # "\r", and only the separators it put there itself: 5x faster than the csv module.
+    if '"' not in text and "\r" not in text and text.count("\n") == len(table) and \
+            text.count(",") == sum(len(row) - 1 for row in table):
+        return text
+    buf = io.StringIO(newline="")
+    plain = csv.writer(buf, lineterminator="\n")
+    # The csv module quotes fields holding the line terminator ("\n") but not a
+    # lone "\r", which its reader then takes for a line end: quote those rows whole.
+    quoted = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_ALL)
+    for row in table:
+        (quoted if any("\r" in f for f in row) else plain).writerow(row)
+    return buf.getvalue()
+
+
 def format_rows(ids: Sequence[str], values: Iterable[float], value: str = "label") -> str:
-    """The CSV text of an ``id,<value>`` table (probabilities with 6 significant digits)."""
-    out = [f"id,{value}"]
-    out.extend(f"{i},{v:.9g}" for i, v in zip(ids, values))
-    return "\n".join(out) + "\n"
+    """The CSV text of an ``id,<value>`` table (values with up to 9 significant digits)."""
+    return format_table(("id", value), ((i, f"{v:.9g}") for i, v in zip(ids, values)))
+
+
+def write_table(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[object]],
+                force: bool = True) -> Path:
+    """Write a CSV atomically (see :func:`format_table`); ``force=False`` refuses an existing file."""
+    return _write_text(path, format_table(header, rows), force)
 
 
 def write_rows(path: str | os.PathLike, ids: Sequence[str], values: Iterable[float],
                value: str = "label", force: bool = True) -> Path:
     """Write an ``id,<value>`` CSV atomically (never a half-written file under ``path``)."""
+    return _write_text(path, format_rows(ids, values, value), force)
+
+
+def _write_text(path: str | os.PathLike, text: str, force: bool) -> Path:
+    # The text is made before the output is locked: a failure there leaves no trace.
     with atomic_path(path, force=force) as tmp:
-        tmp.write_text(format_rows(ids, values, value), encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8", newline="")
     return Path(path)

@@ -3,7 +3,9 @@
 Reads every ``.tif`` in the folder (fast path + tifffile fallback, on worker
 threads), takes labels from ``<folder>_labels.csv`` beside it when present,
 and writes ``<folder>.h5`` through a temporary name, computing the exact
-channel statistics with a numba kernel on the way.
+channel statistics with a numba kernel on the way. Ctrl-C stops it between
+two batches, leaving nothing behind; so does a kill, but for the temporary
+file, which the next run removes.
 """
 from __future__ import annotations
 
@@ -12,19 +14,21 @@ import datetime as _dt
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
 from .. import __version__
 from .csvio import read_labels
-from .sources import labels_beside
+from .sources import labels_beside, named_folder
 from ..system import cpu_threads
-from ..errors import LabelsError, PcamError, few
-from .fsutil import check_writable, partial_name
+from ..errors import BadImageError, ImageFolderError, Interrupted, LabelsError, PcamError, few
+from .fsutil import atomic_path, check_writable, utf8_ok
 from ..kernels.stats import channel_sums
 from ..progress import progress_bar
 from .store import COMPRESSIONS, FORMAT, FORMAT_VERSION, StoreWriter, channel_stats
@@ -59,8 +63,58 @@ class PackResult:
 
 
 def default_store_path(src: Path) -> Path:
-    """``data/train`` packs to ``data/train.h5``."""
-    return src.parent / f"{src.name}.h5"
+    """``data/train`` packs to ``data/train.h5``; ``.`` inside ``data/train`` too."""
+    folder = named_folder(src)
+    if not folder.name:
+        raise ImageFolderError(f"{src}: has no name to call the store after; give one with -o")
+    return folder.parent / f"{folder.name}.h5"
+
+
+@contextlib.contextmanager
+def _deferred_interrupt() -> Iterator[Callable[[], bool]]:
+    """Turn Ctrl-C into a flag the pack polls between batches; yields the poll.
+
+    Python raises ``KeyboardInterrupt`` in whatever Python code runs next.
+    During a compressed write that is often a weakref callback inside h5py,
+    where the exception is printed as "ignored" and lost: the pack went on
+    and exited 0. A flag read at one known point cannot be lost. A second
+    Ctrl-C raises at once, for the impatient. Off the main thread (no
+    signals there) or where SIGINT is ignored, nothing changes.
+    """
+    hits: list[int] = []
+
+    def on_sigint(signum: int, frame: object) -> None:
+        if hits:
+            raise KeyboardInterrupt
+        hits.append(signum)
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, None):
+        yield lambda: False
+        return
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield lambda: bool(hits)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _refuse_undecodable(tifs: list[str], stems: list[str], skip_bad: bool,
+                        skipped: list[tuple[str, str]]) -> tuple[list[str], list[str]]:
+    """Files whose names are not valid UTF-8 cannot be ids in a store: fail, or skip with ``skip_bad``."""
+    bad = [i for i, s in enumerate(stems) if not utf8_ok(s)]
+    if not bad:
+        return tifs, stems
+    problem = "file name is not valid UTF-8 (rename it)"
+
+    def shown(path: str) -> str:  # the name's bytes, escaped where not ASCII: printable anywhere
+        return str(os.fsencode(path))[2:-1]
+
+    if not skip_bad:
+        raise BadImageError(shown(tifs[bad[0]]), problem)
+    skipped.extend((shown(tifs[i]), problem) for i in bad)
+    drop = set(bad)
+    return [t for i, t in enumerate(tifs) if i not in drop], [s for i, s in enumerate(stems) if i not in drop]
 
 
 def _match_labels(src: Path, tifs: list[str], stems: list[str], labels: dict[str, int],
@@ -104,13 +158,16 @@ def pack(src: str | os.PathLike, labels: Optional[str | os.PathLike] = None,
     workers
         Decoding threads (default: the usable cores).
     chunk
-        Rows per HDF5 chunk (also the decoding batch).
+        Rows per HDF5 chunk. Files are decoded ``DECODE_BATCH`` at a time
+        whatever the chunk: batches are written into the chunks they cover.
     compression
         ``none`` (memory-mappable, fastest to train from), ``lzf`` or ``gzip``.
     skip_bad
         Skip unreadable or mismatched files (listed in the store) instead of failing.
     force
-        Replace an existing store.
+        Replace an existing store. The store is written under a temporary
+        name and renamed at the end (:func:`~pcamtool.io.fsutil.atomic_path`):
+        a second pack to the same store is refused while this one runs.
     stain
         ``none``, ``reinhard`` or ``macenko``: normalize every patch toward a
         reference computed from (a sample of) this folder, or from
@@ -123,14 +180,17 @@ def pack(src: str | os.PathLike, labels: Optional[str | os.PathLike] = None,
     Raises
     ------
     PcamError
-        Bad folder, labels or images (the message names the file).
+        Bad folder, labels or images (the message names the file), an
+        output that exists, is being written, or cannot be written.
+    Interrupted
+        Ctrl-C (nothing was written).
     """
     t0 = time.perf_counter()
     src = Path(src)
     if not src.exists():
-        raise PcamError(f"{src}: folder not found")
+        raise ImageFolderError(f"{src}: folder not found")
     if not src.is_dir():
-        raise PcamError(f"{src}: not a folder of tifs")
+        raise ImageFolderError(f"{src}: not a folder of tifs")
     if compression not in COMPRESSIONS:
         raise PcamError(f"unknown compression {compression!r} (choose from {', '.join(COMPRESSIONS)})")
     if chunk < 1:
@@ -142,10 +202,10 @@ def pack(src: str | os.PathLike, labels: Optional[str | os.PathLike] = None,
     if listing.others:
         log.warning("%s: ignoring %d non-tif file(s): %s", src, len(listing.others), few(listing.others))
     if not listing.paths:
-        raise PcamError(f"{src}: no .tif files found")
-    tifs, stems = listing.paths, listing.ids  # sorted by id: the store's row order
-
+        raise ImageFolderError(f"{src}: no .tif files found")
     skipped: list[tuple[str, str]] = []
+    # listed sorted by id: the store's row order
+    tifs, stems = _refuse_undecodable(listing.paths, listing.ids, skip_bad, skipped)
     labels_path = Path(labels) if labels is not None else labels_beside(src)
     if labels is not None or labels_path.exists():
         table = read_labels(labels_path)
@@ -162,88 +222,103 @@ def pack(src: str | os.PathLike, labels: Optional[str | os.PathLike] = None,
     if stain_tf is not None:
         transform = stain_tf if transform is None else (lambda f, g: (lambda x: g(f(x))))(stain_tf, transform)
 
-    tmp = partial_name(out_path)
-    tmp.unlink(missing_ok=True)  # a leftover of a killed run: start over
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    paths = tifs
-    sums = np.zeros(3, np.uint64)
-    sqsums = np.zeros(3, np.uint64)
-    kept_ids: list[str] = []
-    kept_labels: list[np.ndarray] = []
-    try:
-        with StoreWriter(tmp, len(paths), chunk, compression) as writer, \
-                progress_bar(total=len(paths), desc=f"pack {src.name}", enabled=progress) as bar:
-            # Without a transform the pixels are final once decoded: the
-            # workers compute their statistics and write them to the store
-            # themselves, in place, while they are in cache (the kernels and
-            # the writes release the GIL); rows of skipped files are closed
-            # up at the end. With a transform, or into a compressed store
-            # (written through h5py's filters), the main thread writes.
-            in_place = transform is None and compression == "none"
-            kept: list[np.ndarray] = []
-            batches = iter_batches(paths, min(writer.chunk, DECODE_BATCH), workers or cpu_threads(),
-                                   stats=transform is None, reuse=True,
-                                   sink=writer.write_at if in_place else None)
-            # closing(): on an error the generator is shut first, which waits
-            # for the workers' writes, and only then the writer's file.
-            with contextlib.closing(batches):
-                for batch in batches:
-                    keep = np.array([e is None for e in batch.errors])
-                    bad = [e for e in batch.errors if e is not None]
-                    if bad and not skip_bad:
-                        raise bad[0]
-                    skipped.extend((e.path, e.problem) for e in bad)
-                    if transform is not None:
-                        images = transform(batch.images if keep.all() else batch.images[keep])
-                        images = np.ascontiguousarray(images)  # the kernel reads rows of bytes
-                        channel_sums(images, np.ones(len(images), np.bool_), sums, sqsums)
-                        writer.write(images)
-                    else:
-                        sums += batch.sums
-                        sqsums += batch.sqsums
-                        if in_place:
-                            kept.append(keep)
-                        else:
-                            writer.write(batch.images if keep.all() else batch.images[keep])
-                    sel = np.flatnonzero(keep) + batch.start
-                    kept_ids.extend(stems[i] for i in sel)
-                    kept_labels.append(y[sel])
-                    bar.update(len(batch.images))
-            count = len(kept_ids)
-            if in_place:
-                writer.keep_rows(np.concatenate(kept))
-            if count == 0:
-                raise PcamError(f"{src}: every image was bad ({len(skipped)} skipped)")
-            labels_arr = np.concatenate(kept_labels)
-            mean, std = channel_stats(sums, sqsums, count)
-            writer.images.resize(count, axis=0)
-            writer.n = count
-            attrs = {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "pcamtool_version": __version__,
-                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "source": str(src.resolve()),
-                "labels_source": labels_source,
-                "count": count,
-                "n_positive": int((labels_arr == 1).sum()),
-                "n_unlabelled": int((labels_arr < 0).sum()),
-                "mean": mean,
-                "std": std,
-                "options": json.dumps({"chunk": writer.chunk, "compression": compression,
-                                       "skip_bad": skip_bad}),
-                "skipped": json.dumps(skipped),
-                "stain": json.dumps(stain_meta),
-            }
-            writer.finish(kept_ids, labels_arr, attrs)
-        os.replace(tmp, out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    message = f"{out_path}: pack interrupted, nothing written (the same command starts it again)"
+    provenance = {"source": str(src.resolve()), "labels_source": labels_source,
+                  "stain": json.dumps(stain_meta)}
+    with _deferred_interrupt() as interrupted, atomic_path(out_path, force=force) as tmp:
+        count, labels_arr, mean, std = _write_store(
+            tmp, src, tifs, stems, y, chunk=chunk, compression=compression, workers=workers,
+            transform=transform, skip_bad=skip_bad, skipped=skipped, progress=progress,
+            provenance=provenance, stop=lambda: _stop_if(interrupted(), message))
     for path, problem in skipped:
         log.warning("skipped %s: %s", path, problem)
     return PackResult(out_path, count, int((labels_arr == 1).sum()), int((labels_arr < 0).sum()),
                       tuple(mean), tuple(std), skipped, time.perf_counter() - t0)
+
+
+def _stop_if(flag: bool, message: str) -> None:
+    if flag:
+        raise Interrupted(message)
+
+
+def _write_store(tmp: Path, src: Path, paths: list[str], stems: list[str], y: np.ndarray, *, chunk: int,
+                 compression: str, workers: Optional[int], transform: Optional[BatchTransform],
+                 skip_bad: bool, skipped: list[tuple[str, str]], progress: bool, provenance: dict,
+                 stop: Callable[[], None]) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """Decode ``paths`` into a complete store at ``tmp``; returns (count, labels, mean, std).
+
+    ``stop()`` is called between batches (and before the store is
+    completed): it raises to abandon the store.
+    """
+    sums = np.zeros(3, np.uint64)
+    sqsums = np.zeros(3, np.uint64)
+    kept_ids: list[str] = []
+    kept_labels: list[np.ndarray] = []
+    with StoreWriter(tmp, len(paths), chunk, compression) as writer, \
+            progress_bar(total=len(paths), desc=f"pack {named_folder(src).name}", enabled=progress) as bar:
+        # Without a transform the pixels are final once decoded: the
+        # workers compute their statistics and write them to the store
+        # themselves, in place, while they are in cache (the kernels and
+        # the writes release the GIL); rows of skipped files are closed
+        # up at the end. With a transform, or into a compressed store
+        # (written through h5py's filters), the main thread writes.
+        in_place = transform is None and compression == "none"
+        kept: list[np.ndarray] = []
+        batches = iter_batches(paths, min(writer.chunk, DECODE_BATCH), workers or cpu_threads(),
+                               stats=transform is None, reuse=True,
+                               sink=writer.write_at if in_place else None)
+        # closing(): on an error the generator is shut first, which waits
+        # for the workers' writes, and only then the writer's file.
+        with contextlib.closing(batches):
+            for batch in batches:
+                stop()
+                keep = np.array([e is None for e in batch.errors])
+                bad = [e for e in batch.errors if e is not None]
+                if bad and not skip_bad:
+                    raise bad[0]
+                skipped.extend((e.path, e.problem) for e in bad)
+                if transform is not None:
+                    images = transform(batch.images if keep.all() else batch.images[keep])
+                    images = np.ascontiguousarray(images)  # the kernel reads rows of bytes
+                    channel_sums(images, np.ones(len(images), np.bool_), sums, sqsums)
+                    writer.write(images)
+                else:
+                    sums += batch.sums
+                    sqsums += batch.sqsums
+                    if in_place:
+                        kept.append(keep)
+                    else:
+                        writer.write(batch.images if keep.all() else batch.images[keep])
+                sel = np.flatnonzero(keep) + batch.start
+                kept_ids.extend(stems[i] for i in sel)
+                kept_labels.append(y[sel])
+                bar.update(len(batch.images))
+        count = len(kept_ids)
+        if in_place:
+            writer.keep_rows(np.concatenate(kept))
+        if count == 0:
+            raise PcamError(f"{src}: every image was bad ({len(skipped)} skipped)")
+        labels_arr = np.concatenate(kept_labels)
+        mean, std = channel_stats(sums, sqsums, count)
+        writer.images.resize(count, axis=0)
+        writer.n = count
+        attrs = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "pcamtool_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **provenance,
+            "count": count,
+            "n_positive": int((labels_arr == 1).sum()),
+            "n_unlabelled": int((labels_arr < 0).sum()),
+            "mean": mean,
+            "std": std,
+            "options": json.dumps({"chunk": writer.chunk, "compression": compression, "skip_bad": skip_bad}),
+            "skipped": json.dumps(skipped),
+        }
+        stop()
+        writer.finish(kept_ids, labels_arr, attrs)
+    return count, labels_arr, mean, std
 
 
 REFERENCE_SAMPLE = 2048  # patches the stain reference is fitted on

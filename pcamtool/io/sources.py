@@ -23,8 +23,14 @@ from ..errors import BadImageError, PcamError
 from ..system import cpu_threads
 
 
+def named_folder(folder: Path) -> Path:
+    """``folder`` with a real last name: ``.`` and ``..`` resolved (``Path('.').name`` is empty)."""
+    return folder.resolve() if folder.name in ("", "..") else folder
+
+
 def labels_beside(folder: Path) -> Path:
-    """Kaggle keeps ``train_labels.csv`` beside ``train/``."""
+    """Kaggle keeps ``train_labels.csv`` beside ``train/`` (also when ``folder`` is ``.``)."""
+    folder = named_folder(folder)
     return folder.parent / f"{folder.name}_labels.csv"
 
 

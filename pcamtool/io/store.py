@@ -5,7 +5,8 @@ Format ``pcamtool-store`` version 1 (public, see README):
 * ``images``  uint8 (N, 96, 96, 3), chunked along the first axis,
   uncompressed by default so readers can memory-map the chunks;
 * ``labels``  int8 (N,), -1 where unlabelled;
-* ``ids``     fixed-length ASCII (N,), rows sorted by id;
+* ``ids``     fixed-length UTF-8 strings (N,), unique, rows sorted by id
+  (stores of pcamtool <= 0.1.0 hold ASCII, a subset: the same format);
 * root attributes: ``format``, ``format_version``, ``mean`` and ``std``
   (float64 (3,), of pixels/255, exact over the whole set), ``count``,
   ``n_positive``, ``n_unlabelled``, ``pcamtool_version``, ``created``,
@@ -16,14 +17,20 @@ Training reads batches through :meth:`Store.gather`, which copies rows out of
 a memory map of the file at the chunks' byte offsets: h5py's own fancy
 indexing reads whole chunks per batch and is ~400x slower.
 
+:func:`open_store` checks what is cheap on every open (attributes, ids
+unique, labels in {0, 1, -1}, counts, every chunk inside the file), so a
+damaged or foreign store fails there in one line, never later in a kernel;
+``pcamtool info --check`` reads every pixel as well (:mod:`pcamtool.info`).
+
 Example::
 
-    from pcamtool.store import open_store
+    from pcamtool.io.store import open_store
     store = open_store("data/train.h5")
     batch = store.gather([5, 1, 9])   # (3, 96, 96, 3) uint8
 """
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
@@ -35,7 +42,9 @@ import h5py
 import numpy as np
 
 from ..errors import StoreError
-from ..kernels.stats import gather_rows
+from .fsutil import QuietFailingFile, utf8_ok
+from .store_checks import as_int, check_contents
+from ..kernels.stats import copy_rows
 
 FORMAT = "pcamtool-store"
 FORMAT_VERSION = 1
@@ -59,6 +68,7 @@ class StoreWriter:
     """Write a store row-chunk by row-chunk (rows must arrive in order).
 
     Use as a context manager over a temporary path; the caller renames it.
+    A write that fails (a full disk) raises ``OSError`` naming that path.
     """
 
     def __init__(self, path: str | os.PathLike, n: int, chunk: int = 512,
@@ -69,7 +79,13 @@ class StoreWriter:
         self.n = n
         self.chunk = max(1, min(int(chunk), max(n, 1)))
         self.compression = compression
-        self._file = h5py.File(self.path, "w", libver=("earliest", "v110"), track_order=False)
+        self._raw = QuietFailingFile(self.path)
+        # A chunk cache that holds a whole chunk (14 MiB at 512 rows; h5py's
+        # default is 1 MiB): batches of 64 rows then fill a compressed chunk in
+        # memory, compressed once when full, not re-read, decompressed and
+        # recompressed for every batch (8x the work, and dead space in the file).
+        self._file = h5py.File(self._raw, "w", libver=("earliest", "v110"), track_order=False,
+                               rdcc_nbytes=self.chunk * ROW_BYTES + 2**20, rdcc_w0=1.0)
         self._fd: Optional[int] = None
         if compression == "none":
             self.images = self._create_preallocated(n)
@@ -103,18 +119,26 @@ class StoreWriter:
             # Reserve the chunks' blocks in one call: page-cache writes into
             # allocated (unwritten) extents skip the per-page delayed-allocation
             # bookkeeping, ~30% of the write's cost on ext4. Only a speed-up:
-            # a filesystem that refuses is written the usual way.
+            # a filesystem that refuses is written the usual way; but a full
+            # disk is worth saying now rather than after the whole decode.
             start = int(offsets.min())
             try:
                 os.posix_fallocate(self._fd, start, int(offsets.max()) + self.chunk * ROW_BYTES - start)
-            except OSError:
-                pass
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise
         return ds
 
     def write(self, images: np.ndarray) -> None:
         """Append ``images`` (the next rows, in order)."""
         self.write_at(self._written, images)
         self._written += len(images)
+        self._raise_kept_error()
+
+    def _raise_kept_error(self) -> None:
+        exc = self._raw.error
+        if exc is not None:
+            raise OSError(exc.errno, exc.strerror, str(self.path))
 
     def write_at(self, row: int, images: np.ndarray) -> None:
         """Write ``images`` as rows ``row, row + 1, ...``; several threads may call it at once.
@@ -172,26 +196,37 @@ class StoreWriter:
             done += take
 
     def finish(self, ids: Sequence[str], labels: np.ndarray, attrs: dict[str, Any]) -> None:
-        """Write ids, labels and root attributes; rows written must equal ``n``."""
+        """Write ids (as UTF-8), labels and root attributes; rows written must equal ``n``."""
         if self._written != self.n:
             raise StoreError(f"{self.path}: {self._written} of {self.n} rows written")
-        width = max([len(i) for i in ids] + [1])
-        self._file.create_dataset("ids", data=np.array(ids, dtype=f"S{width}"))
+        try:
+            raw = [i.encode("utf-8") for i in ids]
+        except UnicodeEncodeError:
+            bad = next(i for i in ids if not utf8_ok(i))
+            raise StoreError(f"id {bad!r} is not valid UTF-8 (rename the file)") from None
+        width = max([len(b) for b in raw] + [1])
+        self._file.create_dataset("ids", data=np.array(raw, dtype=h5py.string_dtype("utf-8", width)))
         self._file.create_dataset("labels", data=np.asarray(labels, np.int8))
         for k, v in attrs.items():
             self._file.attrs[k] = v
 
-    def close(self) -> None:
+    def close(self, check: bool = True) -> None:
+        """Close the file; with ``check``, raise the first write that failed (the store is then garbage)."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        self._file.close()
+        try:
+            self._file.close()
+        finally:
+            self._raw.close()
+        if check:
+            self._raise_kept_error()
 
     def __enter__(self) -> "StoreWriter":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        self.close(check=exc_type is None)  # an error on the way out says more than a kept one
 
 
 @dataclass
@@ -206,6 +241,8 @@ class Store:
     compression: Optional[str]
     _offsets: Optional[np.ndarray] = None   # byte offset of each chunk, for the map
     _map: Optional[np.ndarray] = None       # the file as uint8 (mmap)
+    _mmap: Optional[mmap.mmap] = field(default=None, repr=False)
+    _end: int = 0                           # bytes the map needs: the end of the last chunk
     _ram: Optional[np.ndarray] = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -245,8 +282,9 @@ class Store:
         if self._ram is not None:
             np.take(self._ram, idx, axis=0, out=out)
         elif self._map is not None:
-            gather_rows(self._map, self._offsets, self.chunk_rows, ROW_BYTES, idx,
-                        out.reshape(len(idx), ROW_BYTES))
+            self._check_size()
+            copy_rows(self._map, self._offsets, self.chunk_rows, ROW_BYTES, idx,
+                      out.reshape(len(idx), ROW_BYTES))
         else:
             self.load()
             np.take(self._ram, idx, axis=0, out=out)
@@ -262,13 +300,69 @@ class Store:
                     self._ram = f["images"][...]
         return self._ram
 
+    def _check_size(self) -> None:
+        """Fail in one line if the file shrank under the map (a read past its end is a bus error).
+
+        ``mmap.size()`` is one ``fstat``, ~1 us beside the ~1 ms a batch
+        takes to copy. A truncation between this check and the copy still
+        kills the process: a SIGBUS raised inside the kernel cannot be turned
+        into an exception (Python runs signal handlers only between bytecodes,
+        and returning from a SIGBUS handler re-runs the faulting load).
+        """
+        assert self._mmap is not None
+        try:
+            size = self._mmap.size()
+        except OSError as exc:
+            raise StoreError(f"{self.path}: cannot read the store any more ({exc.strerror})") from None
+        if size < self._end:
+            raise StoreError(f"{self.path}: the file was truncated while in use "
+                             f"({size:,} bytes, its chunks need {self._end:,})")
+
     def chunks(self, size: int = 4096):
-        """Iterate ``(start, images)`` over the store in order, ``size`` rows at a time."""
-        for a in range(0, len(self), size):
-            yield a, self.gather(np.arange(a, min(a + size, len(self))))
+        """Iterate ``(start, images)`` over the store in order, ``size`` rows at a time.
+
+        Compressed stores are read a block at a time through h5py (not
+        decompressed whole into RAM, as :meth:`load` does).
+        """
+        if self._map is not None or self._ram is not None:
+            for a in range(0, len(self), size):
+                yield a, self.gather(np.arange(a, min(a + size, len(self))))
+            return
+        size = max(self.chunk_rows, size - size % self.chunk_rows)  # whole chunks: each decompressed once
+        with h5py.File(self.path, "r") as f:
+            ds = f["images"]
+            for a in range(0, len(self), size):
+                try:
+                    block = ds[a:a + size]
+                except OSError as exc:
+                    raise StoreError(f"{self.path}: damaged chunk in rows {a}..{a + size - 1} ({exc})") from None
+                yield a, block
 
 
-def _chunk_offsets(ds: h5py.Dataset) -> Optional[np.ndarray]:
+@dataclass
+class _ChunkTable:
+    """Where the chunks of ``images`` lie: one entry per chunk written."""
+
+    first_row_chunk: np.ndarray   # chunk index along the rows
+    offset: np.ndarray            # byte offset in the file
+    size: np.ndarray              # bytes stored (compressed size for compressed chunks)
+    filter_mask: np.ndarray
+
+
+def _chunk_table(ds: h5py.Dataset) -> _ChunkTable:
+    rows = ds.chunks[0]
+    n = ds.id.get_num_chunks()
+    table = _ChunkTable(*(np.empty(n, np.int64) for _ in range(4)))
+    for i in range(n):
+        info = ds.id.get_chunk_info(i)
+        table.first_row_chunk[i] = info.chunk_offset[0] // rows
+        table.offset[i] = info.byte_offset
+        table.size[i] = info.size
+        table.filter_mask[i] = info.filter_mask
+    return table
+
+
+def _chunk_offsets(ds: h5py.Dataset, table: Optional[_ChunkTable] = None) -> Optional[np.ndarray]:
     """Byte offset of every chunk in row order, or None when the chunks cannot be mapped."""
     if ds.compression is not None or ds.chunks is None or ds.scaleoffset is not None:
         return None
@@ -276,24 +370,35 @@ def _chunk_offsets(ds: h5py.Dataset) -> Optional[np.ndarray]:
         return None
     rows = ds.chunks[0]
     n_chunks = -(-ds.shape[0] // rows) if ds.shape[0] else 0
-    if ds.id.get_num_chunks() != n_chunks:
+    table = table if table is not None else _chunk_table(ds)
+    if len(table.offset) != n_chunks:
         return None  # unwritten chunks read as zeros through h5py only
+    if (table.size != rows * ROW_BYTES).any() or table.filter_mask.any():
+        return None
     offsets = np.empty(n_chunks, np.int64)
-    for i in range(n_chunks):
-        info = ds.id.get_chunk_info(i)
-        if info.size != rows * ROW_BYTES or info.filter_mask:
-            return None
-        offsets[info.chunk_offset[0] // rows] = info.byte_offset
+    offsets[table.first_row_chunk] = table.offset
     return offsets
 
 
+def _read_ids(path: Path, ds: h5py.Dataset) -> np.ndarray:
+    raw = ds[...]
+    if raw.dtype.kind != "S":  # variable-length strings: not what pack writes, still readable
+        return ds.asstr(errors="strict")[...].astype(str)
+    try:
+        return raw.astype(str)  # ASCII (every Kaggle id): 3x faster than decoding UTF-8
+    except UnicodeDecodeError:
+        return np.char.decode(raw, "utf-8")
+
+
 def open_store(path: str | os.PathLike, need_labels: bool = False) -> Store:
-    """Open a store for reading, checking its format.
+    """Open a store for reading, checking its format and (cheaply) its contents.
 
     Raises
     ------
     StoreError
-        Missing file, not HDF5 or truncated, another format or version, or
+        Missing file, not HDF5 or truncated, another format or version, a
+        malformed attribute (``mean``, ``std``, ``stain``, counts), duplicate
+        ids, labels other than 0/1/-1, chunks past the end of the file, or
         (with ``need_labels``) images without labels.
     """
     path = Path(path)
@@ -306,36 +411,42 @@ def open_store(path: str | os.PathLike, need_labels: bool = False) -> Store:
     except OSError as exc:
         raise StoreError(f"{path}: not a readable HDF5 store (truncated or another format: {exc})") from None
     with f:
-        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+        attrs = {k: (v.decode(errors="replace") if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
         if attrs.get("format") != FORMAT:
             raise StoreError(f"{path}: not a pcamtool store (format attribute is {attrs.get('format')!r})")
-        version = int(attrs.get("format_version", -1))
+        version = as_int(attrs.get("format_version", -1))
         if version != FORMAT_VERSION:
-            raise StoreError(f"{path}: store format version {version}, this pcamtool reads version {FORMAT_VERSION}")
+            raise StoreError(f"{path}: store format version {attrs.get('format_version')}, "
+                             f"this pcamtool reads version {FORMAT_VERSION}")
         try:
             ds = f["images"]
-            if ds.shape[1:] != SHAPE or ds.dtype != np.uint8:
-                raise StoreError(f"{path}: images are {ds.shape} {ds.dtype}, expected (N, 96, 96, 3) uint8")
-            ids = f["ids"][...].astype(str)
-            labels = f["labels"][...].astype(np.int8)
-            offsets = _chunk_offsets(ds)
-            chunk_rows = ds.chunks[0] if ds.chunks else len(ids)
+            if not isinstance(ds, h5py.Dataset) or ds.shape[1:] != SHAPE or ds.dtype != np.uint8:
+                what = f"{ds.shape} {ds.dtype}" if isinstance(ds, h5py.Dataset) else "a group"
+                raise StoreError(f"{path}: images are {what}, expected (N, 96, 96, 3) uint8")
+            n = ds.shape[0]
+            ids = _read_ids(path, f["ids"])
+            raw_labels = np.asarray(f["labels"][...]).reshape(-1)
+            table = _chunk_table(ds) if ds.chunks else None
+            offsets = _chunk_offsets(ds, table) if table is not None else None
+            chunk_rows = ds.chunks[0] if ds.chunks else max(n, 1)
             compression = ds.compression
         except KeyError as exc:
             raise StoreError(f"{path}: incomplete store (missing {exc})") from None
-        except OSError as exc:
+        except UnicodeDecodeError:
+            raise StoreError(f"{path}: ids are not valid UTF-8 text") from None
+        except (OSError, AttributeError, TypeError) as exc:
             raise StoreError(f"{path}: damaged store ({exc})") from None
-    if len(ids) != ds.shape[0] or len(labels) != ds.shape[0]:
-        raise StoreError(f"{path}: {ds.shape[0]} images but {len(ids)} ids and {len(labels)} labels")
-    store = Store(path, ids, labels, attrs, chunk_rows, compression)
+    size = os.path.getsize(path)
+    check_contents(path, attrs, ids, raw_labels, n,
+                   table.offset + table.size if table is not None else None, size)
+    store = Store(path, ids, raw_labels.astype(np.int8), attrs, chunk_rows, compression)
     if offsets is not None and len(ids):
-        size = os.path.getsize(path)
-        if int(offsets.max()) + chunk_rows * ROW_BYTES > size:
-            raise StoreError(f"{path}: truncated (chunks run past the end of the file)")
         with open(path, "rb") as fh:
             mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        store._mmap = mm
         store._map = np.frombuffer(mm, np.uint8)
         store._offsets = offsets
+        store._end = int(offsets.max()) + chunk_rows * ROW_BYTES
     if need_labels and not store.has_labels:
         raise StoreError(f"{path}: store has no labels (pack it with a labels CSV)")
     return store

@@ -10,12 +10,16 @@ reads the files for the same decoding kernel.
 
 Example::
 
-    from pcamtool.tiff import read_patch
+    from pcamtool.io.tiff import read_patch
     img = read_patch("data/train/0000d563d5cfafc4e68acb7c9829258a298d9b6a.tif")
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import re
+import stat
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,7 +27,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from ..errors import BadImageError, LabelsError
+from ..errors import BadImageError, ImageFolderError
 from ..kernels.decode import IO_ERROR, NATIVE_IO, OK, PATCH, decode_batch, read_decode
 from ..kernels.stats import channel_sums
 
@@ -35,20 +39,117 @@ GROUP = 16  # files read, then decoded, per kernel call (16 slots: 512 KiB)
 TIFF_SUFFIXES = (".tif", ".tiff")
 
 
-def _fallback(path: str) -> np.ndarray:
-    """Read with tifffile and insist on the patch shape; errors name the file."""
+class _TifffileLog(logging.Filter):
+    """Holds tifffile's log lines while this thread reads a file, instead of letting them reach stderr.
+
+    tifffile logs what it finds wrong in a damaged file (and then often goes
+    on); a filter on its logger, keyed by thread, keeps those lines for the
+    one-line error of the file being read without touching other threads'
+    logging (``iter_batches`` reads on several).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        lines = getattr(self.local, "lines", None)
+        if lines is None:
+            return True
+        lines.append(record.getMessage())
+        return False
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[list[str]]:
+        self.local.lines = lines = []
+        try:
+            yield lines
+        finally:
+            self.local.lines = None
+
+
+_TIFFFILE_LOG = _TifffileLog()
+logging.getLogger("tifffile").addFilter(_TIFFFILE_LOG)
+
+
+def _shape_text(shape: Sequence[int], dtype: object) -> str:
+    return "x".join(str(int(v)) for v in shape) + f" {dtype}"
+
+
+def _declared_problem(tf) -> Optional[str]:
+    """What is wrong with the image a TIFF declares, read from its tags alone (no pixels decoded).
+
+    A small file may declare a huge image: checking the shape before decoding
+    keeps such a file from costing its declared size in memory.
+    """
+    series = tf.series
+    if not series:
+        return "holds no image"
+    shape, dtype = tuple(series[0].shape), series[0].dtype
+    if dtype is None or not shape or 0 in shape:
+        return "declares no pixels (its image directory is damaged)"
+    if shape != SHAPE or dtype != np.uint8:
+        return f"image is {_shape_text(shape, dtype)}, expected 96x96x3 uint8"
+    return None
+
+
+def _log_reason(line: str) -> str:
+    """A tifffile log line in a user's terms: the inner message, the tag by number."""
+    line = line.strip()
+    m = re.search(r"raised \w+\((['\"])(.*)\1\)$", line)
+    if m:
+        line = m.group(2)
+    m = re.match(r"<tifffile\.TiffTag (\d+) @\d+>\s*(.*)", line)
+    if m:
+        return f"tag {m.group(1)}: {m.group(2)}"
+    return re.sub(r"^<[^>]*>\s*", "", line)  # drop tifffile's "<TiffPage 0 @8>" prefix
+
+
+def _read_problem(exc: Exception, logged: list[str], decoding: bool) -> str:
+    """The reason a damaged TIFF could not be read, in a user's terms, from what tifffile said."""
     import tifffile
 
-    try:
-        img = tifffile.imread(path)
-    except Exception as exc:  # tifffile raises many types for damaged files
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if os.path.getsize(path) == 0:
-            msg = "empty file"
-        raise BadImageError(path, f"not a readable TIFF ({msg})") from None
-    if img.shape != SHAPE or img.dtype != np.uint8:
-        shape = "x".join(str(s) for s in img.shape)
-        raise BadImageError(path, f"image is {shape} {img.dtype}, expected 96x96x3 uint8")
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    short = re.match(r"failed to read (\d+) bytes, got (\d+)", text)
+    if short:
+        return f"truncated: its pixel data needs {short.group(1)} bytes, the file holds {short.group(2)}"
+    if decoding:
+        return f"pixel data cannot be decoded ({text or type(exc).__name__})"
+    if isinstance(exc, (tifffile.TiffFileError, OSError, EOFError)) and text:
+        return text
+    # Anything else is tifffile tripping over a tag it did not expect: what it
+    # logged first says which, better than the Python error does.
+    reasons = [r for r in map(_log_reason, logged) if r]
+    return f"damaged image directory ({reasons[0]})" if reasons else "damaged image directory"
+
+
+def _fallback(path: str) -> np.ndarray:
+    """Read with tifffile and insist on the patch shape; errors name the file.
+
+    The shape and type the tags declare are checked before any pixel is
+    decoded; tifffile's own log lines and numpy warnings never reach stderr
+    (the error says what matters).
+    """
+    import tifffile
+
+    decoding = False
+    # errstate: tifffile's numpy arithmetic on crafted tag values warns on stderr
+    # (overflow); numpy keeps that state per thread.
+    with np.errstate(all="ignore"), _TIFFFILE_LOG.capture() as logged:
+        try:
+            with tifffile.TiffFile(path) as tf:
+                problem = _declared_problem(tf)
+                if problem is None:
+                    decoding = True
+                    img = tf.asarray()
+        except Exception as exc:  # tifffile raises many types for damaged files
+            empty = os.path.exists(path) and os.path.getsize(path) == 0
+            msg = "empty file" if empty else f"not a readable TIFF ({_read_problem(exc, logged, decoding)})"
+            raise BadImageError(path, msg) from None
+    if problem is not None:
+        raise BadImageError(path, problem)
+    if img.shape != SHAPE or img.dtype != np.uint8:  # tifffile decoded other than it declared
+        raise BadImageError(path, f"image is {_shape_text(img.shape, img.dtype)}, expected 96x96x3 uint8")
     return img
 
 
@@ -107,7 +208,23 @@ def read_into(paths: Sequence[str], out: np.ndarray, buf: Optional[np.ndarray] =
 
 
 # Python's os.open sets O_CLOEXEC too: a subprocess started meanwhile inherits no fds.
-_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+# O_NONBLOCK changes nothing for files, but a FIFO named x.tif would block the open forever.
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+
+
+def _entry_problem(path: str, exc: OSError) -> str:
+    """Why ``path`` could not be opened or read, naming what it is when it is not a file."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "broken symbolic link (its target is missing)" if os.path.islink(path) else (exc.strerror or "not found")
+    except OSError:
+        return exc.strerror or "cannot open"
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    if not stat.S_ISREG(mode):
+        return "not a regular file"
+    return exc.strerror or "cannot read"
 
 
 def _read_python(paths: Sequence[str], out: np.ndarray, buf: Optional[np.ndarray], status: np.ndarray,
@@ -132,9 +249,9 @@ def _read_python(paths: Sequence[str], out: np.ndarray, buf: Optional[np.ndarray
         for i in range(m):
             p = paths[a + i]
             try:
-                fd = os.open(p, os.O_RDONLY)
+                fd = os.open(p, _OPEN_FLAGS)
             except OSError as exc:
-                errors[a + i] = BadImageError(p, exc.strerror or "cannot open")
+                errors[a + i] = BadImageError(p, _entry_problem(p, exc))
                 lengths[i] = -1
                 continue
             try:
@@ -142,7 +259,7 @@ def _read_python(paths: Sequence[str], out: np.ndarray, buf: Optional[np.ndarray
                 # A file that fills the slot may be longer: tifffile reads it.
                 lengths[i] = got if got < SLOT_BYTES else -1
             except OSError as exc:
-                errors[a + i] = BadImageError(p, exc.strerror or "cannot read")
+                errors[a + i] = BadImageError(p, _entry_problem(p, exc))
                 lengths[i] = -1
             finally:
                 os.close(fd)
@@ -155,7 +272,7 @@ def _read_python(paths: Sequence[str], out: np.ndarray, buf: Optional[np.ndarray
 
 
 @dataclass
-class Batch:
+class DecodedBatch:
     """One batch of decoded patches, in input order."""
 
     start: int
@@ -167,7 +284,7 @@ class Batch:
 
 def iter_batches(paths: Sequence[str], batch_size: int = 512, workers: int = 2,
                  prefetch: int = 2, stats: bool = False, reuse: bool = False,
-                 sink: Optional[Callable[[int, np.ndarray], None]] = None) -> Iterator[Batch]:
+                 sink: Optional[Callable[[int, np.ndarray], None]] = None) -> Iterator[DecodedBatch]:
     """Decode ``paths`` in batches on ``workers`` threads, yielding batches in order.
 
     At most ``workers * prefetch`` batches are in flight, so memory stays
@@ -190,7 +307,7 @@ def iter_batches(paths: Sequence[str], batch_size: int = 512, workers: int = 2,
     local = threading.local()  # one read buffer per thread: no page faults per batch
     spare: list[np.ndarray] = []  # with ``reuse``: arrays the consumer is done with
 
-    def work(start: int) -> Batch:
+    def work(start: int) -> DecodedBatch:
         chunk = paths[start:start + batch_size]
         if not hasattr(local, "buf"):
             local.buf = np.empty((min(batch_size, GROUP), SLOT_BYTES), np.uint8)
@@ -203,7 +320,7 @@ def iter_batches(paths: Sequence[str], batch_size: int = 512, workers: int = 2,
         errors = read_into(chunk, images, local.buf, s, q)
         if sink is not None:
             sink(start, images)
-        return Batch(start, images, errors, sums=s, sqsums=q)
+        return DecodedBatch(start, images, errors, sums=s, sqsums=q)
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pcam-read") as pool:
         pending: list[Future] = []
@@ -233,14 +350,19 @@ class TifListing:
 
 
 def list_tifs(folder: str | os.PathLike) -> TifListing:
-    """List the ``.tif``/``.tiff`` files of ``folder``; hidden files are ignored.
+    """List the ``.tif``/``.tiff`` entries of ``folder``; hidden names are ignored.
+
+    Every entry named like a tif is listed, file or not: a broken symbolic
+    link or a folder named ``x.tif`` then fails to read like any damaged
+    image, with its reason, instead of vanishing from the listing. Other
+    names go to ``others`` (files only).
 
     Plain strings all the way: at ~10 us a file to read, pathlib objects
     (~1 us per ``.stem``, more per comparison) would be a sizeable share.
 
     Raises
     ------
-    LabelsError
+    ImageFolderError
         Two files with the same id (``a.tif`` and ``a.tiff``).
     """
     folder = os.fspath(folder)
@@ -249,17 +371,18 @@ def list_tifs(folder: str | os.PathLike) -> TifListing:
     with os.scandir(folder) as entries:
         for e in entries:
             name = e.name
-            if name.startswith(".") or not e.is_file():
+            if name.startswith("."):
                 continue
             low = name.lower()
             cut = 4 if low.endswith(".tif") else 5 if low.endswith(".tiff") else 0
             if not cut:
-                others.append(name)
+                if e.is_file():
+                    others.append(name)
                 continue
             stem = name[:-cut]
             if stem in by_id:
                 a, b = sorted((os.path.basename(by_id[stem]), name))
-                raise LabelsError(f"{folder}: duplicate id {stem} ({a} and {b})")
+                raise ImageFolderError(f"{folder}: duplicate id {stem} ({a} and {b})")
             by_id[stem] = e.path
     ids = sorted(by_id)
     return TifListing(folder, [by_id[i] for i in ids], ids, sorted(others))

@@ -51,6 +51,8 @@ def _u32(b, off, little):
 @jit
 def _value(b, n, little, typ, count, field, index):
     """Element ``index`` of a SHORT/LONG tag whose 4-byte field starts at ``field``; -1 if unreadable."""
+    if index >= count:  # a tag with fewer values than asked for (count 0 included) has no such value
+        return -1
     if typ == 3:
         size = 2
     elif typ == 4:
@@ -69,6 +71,16 @@ def _value(b, n, little, typ, count, field, index):
 
 
 NO_LAYOUT = (False, -1, 0, -1, -1, 0, 0)
+# The tags _layout reads, each with its bit in a "seen" mask.
+_READ_TAGS = (256, 257, 258, 259, 262, 266, 273, 277, 278, 279, 284, 339)
+
+
+@jit
+def _tag_bit(tag):
+    for k in range(len(_READ_TAGS)):
+        if _READ_TAGS[k] == tag:
+            return 1 << k
+    return 0
 
 
 @jit
@@ -106,21 +118,29 @@ def _layout(b, n):
     strips_type = counts_type = 0
     strips_count = counts_count = 0
     photometric = -1
+    seen = 0  # bit k: the k-th tag this parser reads has been met (a repeat makes the file ambiguous)
     for e in range(entries):
         p = ifd + 2 + e * 12
         tag = _u16(b, p, little)
         typ = _u16(b, p + 2, little)
         count = _u32(b, p + 4, little)
         field = p + 8
+        bit = _tag_bit(tag)
+        if bit & seen:
+            return NO_LAYOUT  # which of two equal tags counts differs between readers: ambiguous
+        seen |= bit
         if tag == 256:
             width = _value(b, n, little, typ, count, field, 0)
         elif tag == 257:
             height = _value(b, n, little, typ, count, field, 0)
         elif tag == 258:
-            bits_ok = True
-            for c in range(count):
+            # One value for all samples or one per sample; the loop stops at the first
+            # that is not 8 (a crafted count of 2**31 once took 30 s here).
+            bits_ok = count == 1 or count == CHANNELS
+            for c in range(min(count, CHANNELS)):
                 if _value(b, n, little, typ, count, field, c) != 8:
                     bits_ok = False
+                    break
         elif tag == 259:
             compression = _value(b, n, little, typ, count, field, 0)
         elif tag == 262:
@@ -137,6 +157,9 @@ def _layout(b, n):
             planar = _value(b, n, little, typ, count, field, 0)
         elif tag == 339:
             sampleformat = _value(b, n, little, typ, count, field, 0)
+        elif tag == 266:
+            if _value(b, n, little, typ, count, field, 0) != 1:
+                return NO_LAYOUT  # FillOrder 2: tifffile reverses the bits of every byte
         elif tag == 317 or tag == 338 or (tag >= 322 and tag <= 325):
             return NO_LAYOUT  # predictor, extra samples (alpha) or tiles
     if (width != PATCH or height != PATCH or spp != CHANNELS or not bits_ok
@@ -164,7 +187,8 @@ def decode_tiff(b, n, out):
         size = _value(b, n, little, counts_type, strips_count, counts_field, s)
         rows = min(rows_per_strip, PATCH - done // row_bytes)
         want = rows * row_bytes
-        if start < 0 or size < want or start + want > n or done + want > PATCH_BYTES:
+        # Offset 0 is the header, no place for pixels; tifffile reads such a file its own way.
+        if start <= 0 or size < want or start + want > n or done + want > PATCH_BYTES:
             return FALLBACK  # truncated or inconsistent: tifffile names the problem
         # An explicit loop over two views, not a slice assignment: numba's
         # slice copy (and a loop indexing b[start + j], whose sign numba cannot
@@ -198,7 +222,7 @@ def pixel_offset(b, n):
         start = _value(b, n, little, strips_type, strips_count, strips_field, s)
         size = _value(b, n, little, counts_type, strips_count, counts_field, s)
         want = min(rows_per_strip, PATCH - done // row_bytes) * row_bytes
-        if start < 0 or start != first + done or size != want:
+        if start <= 0 or start != first + done or size != want:
             return -1
         done += want
     return first if done == PATCH_BYTES else -1

@@ -35,7 +35,8 @@ def jit(fn: Optional[F] = None, *, fastmath: Union[bool, frozenset, set] = False
 
     # nogil: kernels run in worker threads beside file reads.
     # cache: a fresh process does not pay compile time again.
-    return numba.njit(nogil=True, cache=True, fastmath=fastmath, error_model=error_model)(fn)  # type: ignore[return-value]
+    compiled = numba.njit(nogil=True, cache=True, fastmath=fastmath, error_model=error_model)(fn)
+    return compiled  # type: ignore[no-any-return]
 
 
 def plain(kernel: Callable) -> Callable:

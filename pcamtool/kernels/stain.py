@@ -11,7 +11,7 @@ no matmuls on (M, 3) arrays), from float32 fast log/exp where the uint8
 output leaves ample room (see :func:`fast_log`), from lookup tables where an
 argument is a uint8 channel value, and from a histogram selection instead of
 sorting for percentiles. The results stay within one grey level of the float64 numpy
-formulas in :mod:`pcamtool.stain` (the tests check it).
+formulas in ``tests/oracles.py`` (the tests check it).
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import math
 import numpy as np
 
 from .jit import jit
+from .stats import lerp_quantile, percentile_pairs
 
 # Reinhard et al. 2001: RGB -> LMS -> log10 -> l-alpha-beta (decorrelated).
 RGB2LMS = np.array([[0.3811, 0.5783, 0.0402],
@@ -234,12 +235,6 @@ def _reinhard_into(img, ref_mean, ref_std, out, lab):
 
 
 @jit
-def reinhard_image(img, ref_mean, ref_std, out):
-    """Match the tissue lab statistics of one (H, W, 3) uint8 image to the reference."""
-    return _reinhard_into(img, ref_mean, ref_std, out, np.empty((3, img.shape[0] * img.shape[1]), np.float32))
-
-
-@jit
 def reinhard_batch(images, ref_mean, ref_std, out, changed):
     lab = np.empty((3, images.shape[1] * images.shape[2]), np.float32)
     for i in range(images.shape[0]):
@@ -247,84 +242,6 @@ def reinhard_batch(images, ref_mean, ref_std, out, changed):
 
 
 # ---- Macenko ----
-
-_NBINS = 1024  # histogram bins of the order-statistic search
-
-
-@jit
-def _bin(v, lo, scale):
-    """Histogram bin of ``v``: non-decreasing in ``v``, so the values of a bin all lie between
-    those of the bins around it; values outside the range fall in the end bins, +inf (filler)
-    in the extra last bin."""
-    b = int(min(max((v - lo) * scale, 0.0), _NBINS - 1.0))
-    return _NBINS if v == np.inf else b
-
-
-@jit
-def _order_stats(a, lo, hi, ranks):
-    """The order statistics ``ranks`` (0-based, ascending) of the finite values of ``a``; +inf
-    entries are filler that sorts last.
-
-    Exact, without sorting ``a``: count the values in _NBINS bins of [lo, hi] (any range
-    is exact; one that hugs the values keeps the bins small), then collect, in one pass,
-    the values of the bins that hold the wanted ranks (a few dozen in a 1% tail) and sort
-    only those (in a near-constant image, up to all of them: a sort, as numpy does). A
-    quickselect was slower on real patches: its branches mispredict.
-    """
-    scale = _NBINS / (hi - lo) if hi > lo else 0.0
-    bins = np.empty(a.size, np.int64)
-    for i in range(a.size):  # vectorizes
-        bins[i] = _bin(a[i], lo, scale)
-    hist = np.zeros((4, _NBINS + 1), np.int64)
-    for i in range(a.size):  # four interleaved counts: runs of one bin do not wait on one store
-        hist[i & 3, bins[i]] += 1
-    counts = hist[0] + hist[1] + hist[2] + hist[3]
-    want = np.zeros(_NBINS + 1, np.int64)  # 1 for the bins to collect
-    pos = np.empty(ranks.size, np.int64)   # each rank's place among the collected values
-    b, below, taken = 0, 0, 0              # values in bins < b, and in wanted bins < b
-    for j in range(ranks.size):
-        while below + counts[b] <= ranks[j]:
-            below += counts[b]
-            taken += want[b] * counts[b]
-            b += 1
-        want[b] = 1
-        pos[j] = taken + ranks[j] - below
-    vals = np.empty((want * counts).sum() + 1)
-    c = 0
-    for i in range(a.size):  # branch-free: the spare last slot takes the writes of unwanted values
-        vals[c] = a[i]
-        c += want[bins[i]]
-    vals = np.sort(vals[:c])
-    out = np.empty(ranks.size)
-    for j in range(ranks.size):
-        out[j] = vals[pos[j]]
-    return out
-
-
-@jit
-def _percentile_pairs(a, count, lo, hi, qs):
-    """For each quantile in ``qs`` (ascending), the two order statistics and the weight that
-    ``np.percentile(sample, 100 q)`` (method "linear": virtual index ``q (count - 1)``)
-    interpolates between, where the sample is the ``count`` finite values of ``a``, most
-    of them in [lo, hi]."""
-    ranks = np.empty(2 * qs.size, np.int64)
-    gamma = np.empty(qs.size)
-    for j in range(qs.size):
-        virtual = qs[j] * (count - 1)
-        k = int(math.floor(virtual))
-        ranks[2 * j] = k
-        ranks[2 * j + 1] = min(k + 1, count - 1)
-        gamma[j] = virtual - k
-    stats = _order_stats(a, lo, hi, ranks)
-    return stats[0::2], stats[1::2], gamma
-
-
-@jit
-def _lerp(a, b, t):
-    """numpy's quantile interpolation, the same floating-point expression."""
-    d = b - a
-    return b - d * (1.0 - t) if t >= 0.5 else a + d * t
-
 
 @jit(error_model="numpy")  # no zero-division check (the divisor is guarded): the pixel loop vectorizes
 def _pseudo_angle(x, y):
@@ -449,9 +366,9 @@ def _macenko_estimate(rgb, work):
     # four selected ones go through atan2, then numpy's interpolation.
     ang = work[3]
     _stain_angles(od, plane, ang)
-    below, above, t = _percentile_pairs(ang, cnt, -2.0, 2.0, np.array([ALPHA / 100.0, (100.0 - ALPHA) / 100.0]))
-    lo = _lerp(_angle(below[0]), _angle(above[0]), t[0])
-    hi = _lerp(_angle(below[1]), _angle(above[1]), t[1])
+    below, above, t = percentile_pairs(ang, cnt, -2.0, 2.0, np.array([ALPHA / 100.0, (100.0 - ALPHA) / 100.0]))
+    lo = lerp_quantile(_angle(below[0]), _angle(above[0]), t[0])
+    hi = lerp_quantile(_angle(below[1]), _angle(above[1]), t[1])
     v1 = plane @ np.array([math.cos(lo), math.sin(lo)])
     v2 = plane @ np.array([math.cos(hi), math.sin(hi)])
     if v1[0] > v2[0]:  # hematoxylin absorbs red the most
@@ -472,8 +389,8 @@ def _macenko_estimate(rgb, work):
         for k in range(3):
             lo += min(0.0, unmix[j, k] * OD_LUT[0])
             hi += max(0.0, unmix[j, k] * OD_LUT[0])
-        below, above, t = _percentile_pairs(work[4 + j], m, lo, hi, np.array([0.99]))
-        max_c[j] = _lerp(below[0], above[0], t[0])
+        below, above, t = percentile_pairs(work[4 + j], m, lo, hi, np.array([0.99]))
+        max_c[j] = lerp_quantile(below[0], above[0], t[0])
         if not max_c[j] > 1e-6:
             return he, max_c, False
     return he, max_c, True
@@ -526,12 +443,6 @@ def _macenko_into(img, ref_he, ref_max_c, out, work):
         p[j] *= ref_max_c[j] / max_c[j]
     _macenko_map(work[0:3], ref_he @ p, out.reshape(h * w, 3))
     return True
-
-
-@jit
-def macenko_image(img, ref_he, ref_max_c, out):
-    """Re-stain one (H, W, 3) uint8 image with the reference stain matrix and concentrations."""
-    return _macenko_into(img, ref_he, ref_max_c, out, np.empty((6, img.shape[0] * img.shape[1])))
 
 
 @jit

@@ -1,9 +1,12 @@
 """Train a CNN from a store: ``pcamtool train`` (or ``torchrun ... -m pcamtool train``).
 
-The device and precision are decided once (:mod:`pcamtool.device`); the loop
-itself has no CUDA branches. Batches arrive as uint8 from the store
-(:mod:`pcamtool.data`), are converted, augmented and normalized on the
-device, and the run folder records config, metrics, curves and checkpoints.
+:func:`fit` assembles a run (device and precision decided once by
+:mod:`pcamtool.device`, parts from :mod:`.parts`, batches from :mod:`.data`,
+the run folder from :mod:`.runs`) and loops :func:`train_one_epoch` and
+:func:`evaluate`. The step has no CUDA branches and reads nothing back to the
+host: the loss sum, the NaN check and the skipped fp16 steps accumulate on
+the device and are read once per epoch (and every few steps for the
+progress bar).
 
 Example::
 
@@ -11,12 +14,13 @@ Example::
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
 import os
 import time
+import warnings
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
@@ -26,20 +30,25 @@ import torch
 import torch.nn.functional as F
 
 from ..augment import augment_batch
-from .checkpoint import load_checkpoint, save_checkpoint
-from ..config import TrainConfig, auto_epochs
-from .data import BatchLoader, RowSource, resolve_cache
-from ..device import Precision, autocast_context, resolve_device, use_channels_last
-from ..errors import PcamError, TrainingError
-from ..models import create_model
+from ..config import AugmentConfig, TrainConfig, auto_epochs
 from ..contract import Classifier, to_float01
+from ..device import Precision, resolve_device
+from ..errors import Interrupted, PcamError, TrainingError
+from ..io.store import Store, open_store
+from ..models import create_model, model_normalization, without_pretrained
 from ..progress import progress_bar
 from ..system import cpu_threads
-from .runs import new_run_dir, plot_curves, write_metrics
+from .data import Batch, BatchLoader, RowSource, resolve_cache
+from .finetune import apply_epoch, param_groups, recipe_for
+from .parts import EMA, Dist, LossScaler, create_optimizer, create_schedule
+from .resume import restore, resume_config, training_state
+from .runs import (discard_unfinished, new_run_dir, open_run_dir, plot_curves, save_checkpoint, write_config,
+                   write_metrics)
 from .split import make_split, read_groups
-from ..io.store import Store, open_store
 
 log = logging.getLogger("pcamtool")
+
+BAR_EVERY = 50  # steps between progress-bar loss readings (each one waits for the GPU)
 
 
 @dataclass(frozen=True)
@@ -47,7 +56,7 @@ class TrainResult:
     run_dir: Path
     best_auc: float
     best_epoch: int
-    epochs_run: int
+    last_epoch: int
     seconds: float
 
 
@@ -62,101 +71,116 @@ class _Forward01(torch.nn.Module):
         return self.net.forward01(x01)
 
 
-class _Dist:
-    """Rank and world size under torchrun; a single process otherwise."""
+@dataclass
+class Trainer:
+    """Everything one training step touches, built once by :func:`fit`."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.enabled = self.world > 1
-        if self.enabled and not torch.distributed.is_initialized():
-            backend = "nccl" if device.type == "cuda" else "gloo"
-            torch.distributed.init_process_group(backend)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.enabled:
-            torch.distributed.barrier()
-
-    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return t
-        out = [torch.empty_like(t) for _ in range(self.world)]
-        torch.distributed.all_gather(out, t)
-        return torch.cat(out)
-
-    def close(self) -> None:
-        if self.enabled and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    module: torch.nn.Module               # the forward on augmented floats (DDP / compiled wrapper)
+    net: Classifier                       # the trained network itself
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    scaler: LossScaler
+    ema: EMA
+    gen: torch.Generator                  # augmentation's random numbers, on the device
+    augment: AugmentConfig
+    label_smoothing: float
+    autocast: AbstractContextManager      # entered every step, built once
+    memory_format: torch.memory_format
 
 
-def _schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, total: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-step learning-rate multiplier: linear warm-up, then cosine decay.
+@dataclass(frozen=True)
+class EpochStats:
+    loss: float          # mean training loss (nan/inf when it diverged)
+    images: int
+    skipped_steps: int   # fp16 steps skipped for overflowing gradients
+    seconds: float
 
-    ``onecycle`` warms up from lr/25 and anneals to lr/25,000 (the shape of
-    torch's OneCycleLR, which fails on runs shorter than its phases);
-    ``cosine`` warms up from 0 and anneals to 0.
+
+def create_trainer(cfg: TrainConfig, net: Classifier, device: torch.device, precision: Precision,
+                   total_steps: int, rank: int = 0, backbone_mult: float = 1.0) -> Trainer:
+    """The parts that train ``net`` on ``device`` for ``total_steps`` steps, as ``cfg`` and ``precision`` say.
+
+    ``net`` moves to ``device`` in the precision's memory format; the
+    augmentation generator is seeded from ``cfg.seed`` and the DDP ``rank``;
+    all but a transfer network's head learn at ``lr * backbone_mult``.
     """
-    warm = max(1, int(cfg.warmup_frac * total))
-    lo, end = (1 / 25, 1 / 25_000) if cfg.schedule == "onecycle" else (0.0, 0.0)
-
-    def lam(step: int) -> float:
-        if step < warm:
-            return lo + (1 - lo) * (step + 1) / warm
-        t = min(1.0, (step - warm) / max(1, total - warm))
-        return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * t))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, lam)
+    net = net.to(device, memory_format=precision.memory_format)
+    opt = create_optimizer(param_groups(net, cfg.lr, backbone_mult), cfg, device)
+    return Trainer(module=_Forward01(net), net=net, opt=opt, sched=create_schedule(opt, cfg, total_steps),
+                   scaler=LossScaler(precision, device), ema=EMA(net, cfg.ema),
+                   gen=torch.Generator(device=device).manual_seed(cfg.seed + 1000 * rank),
+                   augment=cfg.augment, label_smoothing=cfg.label_smoothing, autocast=precision.autocast(),
+                   memory_format=precision.memory_format)
 
 
-def _optimizer(params: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+def train_step(t: Trainer, b: Batch) -> torch.Tensor:
+    """One optimizer step on batch ``b``; returns the batch's loss, still on the device (nothing is read)."""
+    x01 = augment_batch(to_float01(b.x), t.augment, t.gen).contiguous(memory_format=t.memory_format)
+    y = b.y * (1 - t.label_smoothing) + 0.5 * t.label_smoothing
+    with t.autocast:
+        logits = t.module(x01)
+    loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+    t.opt.zero_grad(set_to_none=True)
+    t.scaler.backward_step(loss, t.opt)
+    t.sched.step()
+    t.ema.update()
+    return loss.detach()
 
 
-class _EMA:
-    """Exponential moving average of the weights (buffers copied as they are)."""
-
-    def __init__(self, net: torch.nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.shadow = copy.deepcopy(net).eval()
-        for p in self.shadow.parameters():
-            p.requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, net: torch.nn.Module) -> None:
-        for e, p in zip(self.shadow.parameters(), net.parameters()):
-            e.lerp_(p.detach(), 1 - self.decay)
-        for e, b in zip(self.shadow.buffers(), net.buffers()):
-            e.copy_(b)
+def train_one_epoch(t: Trainer, loader: BatchLoader, bar: Any = None) -> EpochStats:
+    """One pass over ``loader``; reads from the device once at the end (and every ``BAR_EVERY`` steps for ``bar``)."""
+    t0 = time.perf_counter()
+    t.net.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=t.scaler.skipped.device)
+    skipped_before = t.scaler.skipped.clone()
+    seen, show_every = 0, BAR_EVERY if bar is not None and not bar.disable else 0
+    with warnings.catch_warnings():
+        # fp16: the GradScaler skips the first steps while it finds its scale, so the schedule
+        # steps before the optimizer ever did; expected, and not worth a warning on every T4 run
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        for k, b in enumerate(loader, 1):
+            loss_sum += train_step(t, b) * len(b.index)  # a NaN anywhere makes the sum NaN: checked by fit
+            seen += len(b.index)
+            if bar is not None:
+                bar.update(len(b.index))
+                if show_every and k % show_every == 0:
+                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", refresh=False)
+    total, skipped = torch.stack([loss_sum, (t.scaler.skipped - skipped_before).double()]).tolist()
+    return EpochStats(total / max(seen, 1), seen, int(skipped), time.perf_counter() - t0)
 
 
 @torch.no_grad()
-def predict_loader(net: torch.nn.Module, loader: BatchLoader, device: torch.device
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Probabilities, labels and store rows over a loader (no augmentation), on the device."""
+def evaluate(net: torch.nn.Module, loader: BatchLoader, autocast: AbstractContextManager,
+             dist: Optional[Dist] = None) -> dict[str, float]:
+    """Validation loss, ROC AUC and accuracy of ``net`` over ``loader`` (no augmentation).
+
+    Under DDP every rank scores its share and the results are gathered;
+    rows padded onto several ranks count once.
+
+    Raises
+    ------
+    TrainingError
+        The network puts out NaN or infinite probabilities.
+    """
+    from ..evaluate import binary_metrics
+
     net.eval()
     probs, ys, rows = [], [], []
-    with autocast_context(device):
-        for b in loader:
+    for b in loader:
+        with autocast:
             probs.append(torch.sigmoid(net(b.x).float()))
-            ys.append(b.y)
-            rows.append(torch.from_numpy(b.index).to(device))
-    return torch.cat(probs), torch.cat(ys), torch.cat(rows)
-
-
-def evaluate_probs(p: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """Loss, ROC AUC and accuracy at 0.5 of probabilities ``p`` against labels ``y``."""
-    from sklearn.metrics import roc_auc_score
-
-    pt = torch.from_numpy(p.astype(np.float64)).clamp(1e-7, 1 - 1e-7)
-    loss = float(F.binary_cross_entropy(pt, torch.from_numpy(y.astype(np.float64))))
-    auc = float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
-    return {"val_loss": loss, "val_auc": auc, "val_acc": float(((p >= 0.5) == (y >= 0.5)).mean())}
+        ys.append(b.y)
+        rows.append(b.index)
+    p, y = torch.cat(probs), torch.cat(ys)
+    r = torch.from_numpy(np.concatenate(rows)).to(p.device)
+    if dist is not None:
+        p, y, r = (dist.all_gather(v) for v in (p, y, r))
+    p_np, y_np, r_np = (v.cpu().numpy() for v in (p, y, r))
+    _, first = np.unique(r_np, return_index=True)
+    if not np.isfinite(p_np).all():
+        raise TrainingError("the model's validation outputs are not finite (diverged); try a lower --lr")
+    m = binary_metrics(p_np[first], y_np[first])
+    return {"val_loss": m["loss"], "val_auc": m["auc"], "val_acc": m["acc"]}
 
 
 def _open_data(cfg: TrainConfig) -> tuple[Store, Store, np.ndarray, np.ndarray]:
@@ -173,132 +197,126 @@ def _open_data(cfg: TrainConfig) -> tuple[Store, Store, np.ndarray, np.ndarray]:
     return store, val_store, tr, va
 
 
-def fit(cfg: TrainConfig, resume: Optional[str | os.PathLike] = None, progress: bool = True) -> TrainResult:
+def fit(cfg: TrainConfig, resume: Optional[str | os.PathLike] = None, progress: bool = True,
+        overrides: Optional[dict[str, Any]] = None) -> TrainResult:
     """Train a model as ``cfg`` says; returns where the run went and its best AUC.
 
     Parameters
     ----------
     resume
-        A run folder whose ``last.pt`` to continue from (its config is used;
-        ``cfg`` only supplies what the run did not record).
+        A run folder whose ``last.pt`` to continue from. The run's own
+        ``config.json`` is the configuration; ``cfg`` is not used.
+    overrides
+        With ``resume``: the options the user gave explicitly, as
+        :meth:`TrainConfig.from_options` returns them. Those in
+        :data:`~pcamtool.train.resume.RESUMABLE` are applied; any other
+        that differs from the run is refused. With a new ``epochs``
+        the learning rate follows the schedule laid out for the new length
+        from the step the run resumes at.
 
     Raises
     ------
     PcamError
-        Bad store or options, a mismatched resume, NaN loss or out of memory.
+        Bad store or options, a mismatched resume, NaN loss, out of memory,
+        a full disk.
+    Interrupted
+        Ctrl-C; the message says what was kept and how to continue.
     """
     t_start = time.perf_counter()
     state: Optional[dict[str, Any]] = None
     if resume is not None:
-        run_dir = Path(resume)
-        cfg, state = _load_resume(run_dir, cfg)
+        cfg, state = resume_config(Path(resume), overrides or {})
     device = resolve_device(cfg.device)
     torch.set_num_threads(cfg.threads or cpu_threads())
-    dist = _Dist(device)
-    if device.type == "cuda" and dist.enabled:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: let cuDNN time its kernels once
+    dist = Dist(device)
+    device = dist.local_device(device)
     torch.manual_seed(cfg.seed)
-
-    store, val_store, tr_idx, va_idx = _open_data(cfg)
+    data = _open_data(cfg)
     if cfg.epochs is None:  # resolved once; config.json records the number, so --resume keeps it
-        cfg = replace(cfg, epochs=auto_epochs(len(tr_idx)))
-    if resume is None:
-        run_dir = Path(cfg.out) if cfg.out else new_run_dir(cfg.arch)
-        if dist.main:
-            if run_dir.exists() and any(run_dir.iterdir()):
-                raise PcamError(f"{run_dir}: run folder exists and is not empty (choose another -o)")
-            run_dir.mkdir(parents=True, exist_ok=True)
+        cfg = replace(cfg, epochs=auto_epochs(len(data[2])))
+    run_dir = Path(resume) if resume is not None else Path(cfg.out) if cfg.out else new_run_dir(cfg.arch.replace(":", "-"))
+    created = open_run_dir(run_dir) if resume is None and dist.main else False
+    try:
+        return _run(cfg, state, device, dist, data, run_dir, progress, t_start)
+    except KeyboardInterrupt:
+        if dist.main and discard_unfinished(run_dir, created):
+            raise Interrupted("stopped before the first epoch ended, so nothing was kept; "
+                              "the same command starts again") from None
+        raise Interrupted(f"{run_dir} keeps every finished epoch; "
+                          f"continue with: pcamtool train --resume {run_dir}") from None
+    except BaseException:
+        if dist.main:  # a run that never saved a checkpoint leaves nothing behind
+            discard_unfinished(run_dir, created)
+        raise
+    finally:
+        dist.close()
+
+
+def _run(cfg: TrainConfig, state: Optional[dict[str, Any]], device: torch.device, dist: Dist,
+         data: tuple[Store, Store, np.ndarray, np.ndarray], run_dir: Path, progress: bool,
+         t_start: float) -> TrainResult:
+    store, val_store, tr_idx, va_idx = data
+    precision = Precision.for_device(device)
     cache = resolve_cache(cfg.cache, store, device)
     source = RowSource(store, cache, device)
     val_source = source if val_store is store else RowSource(val_store, resolve_cache(cfg.cache, val_store, device), device)
-    train_loader = BatchLoader(source, tr_idx, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=len(tr_idx) > cfg.batch_size,
-                               rank=dist.rank, world=dist.world)
+    train_loader = BatchLoader(source, tr_idx, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                               drop_last=len(tr_idx) > cfg.batch_size, rank=dist.rank, world=dist.world)
     val_loader = BatchLoader(val_source, va_idx, max(256, cfg.batch_size), rank=dist.rank, world=dist.world)
 
-    net = Classifier(create_model(cfg.arch, **cfg.model_kwargs),
-                  torch.tensor(store.mean, dtype=torch.float32), torch.tensor(store.std, dtype=torch.float32))
+    kwargs = cfg.resolved_model_args()
+    model_spec = {"name": cfg.arch, "kwargs": kwargs}
+    # a resumed run's weights come from last.pt: never reload (or download) the pretrained file
+    backbone = create_model(cfg.arch, **(kwargs if state is None else without_pretrained(kwargs)))
+    # pretrained networks keep the statistics they were trained with; others use the store's
+    mean, std = model_normalization(cfg.arch, kwargs) or (store.mean, store.std)
+    net = Classifier(backbone, torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32))
     if cfg.init_weights and state is None:
         _init_weights(net, cfg.init_weights)
-    net.to(device)
-    if use_channels_last(device):
-        net = net.to(memory_format=torch.channels_last)
-    opt = _optimizer(net.parameters(), cfg)
-    steps_per_epoch = len(train_loader)
-    sched = _schedule(opt, cfg, cfg.epochs * steps_per_epoch)
-    ema = _EMA(net, cfg.ema) if cfg.ema > 0 else None
-    gen = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * dist.rank)
-
+    recipe = recipe_for(cfg, kwargs)
+    t = create_trainer(cfg, net, device, precision, cfg.epochs * len(train_loader), dist.rank, recipe.backbone_mult)
     rows: list[dict[str, Any]] = []
     best_auc, best_epoch, start_epoch = -1.0, 0, 1
     if state is not None:
-        net.load_state_dict(state["train_weights"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if ema is not None and "weights" in state:
-            ema.shadow.load_state_dict(state["weights"])
-        gen.set_state(state["generator"])  # a CPU ByteTensor for CPU and CUDA generators alike
-        torch.set_rng_state(state["torch_rng"])  # dropout draws from the global generator
+        restore(t, train_loader, state, run_dir / "last.pt", precision, device)
         rows = list(state["metrics"])
         best_auc, best_epoch, start_epoch = state["best_auc"], state["best_epoch"], state["epoch"] + 1
-        train_loader.epoch = val_loader.epoch = state["epoch"]
-    step_module: torch.nn.Module = _Forward01(net)
-    if dist.enabled:
-        step_module = torch.nn.parallel.DistributedDataParallel(
-            step_module, device_ids=[device.index] if device.type == "cuda" else None)
+    t.module = dist.wrap(t.module, device)
     if cfg.compile:
-        step_module = torch.compile(step_module)
-    eval_net = ema.shadow if ema is not None else net
+        t.module = torch.compile(t.module)
 
     if dist.main:
-        (run_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "resolved": {
-            "device": str(device), "precision": Precision.for_device(device).name,
-            "cache": cache, "world_size": dist.world,
-            "train_rows": int(len(tr_idx)), "val_rows": int(len(va_idx)),
-            "store_path": str(Path(cfg.store).resolve())}}, indent=2))
+        write_config(run_dir / "config.json", {**cfg.to_dict(), "resolved": {
+            "device": str(device), "precision": precision.name, "precision_reason": precision.reason,
+            "cache": cache, "world_size": dist.world, "train_rows": int(len(tr_idx)), "val_rows": int(len(va_idx)),
+            "model": model_spec, "store_path": str(Path(cfg.store).resolve())}})
         log.info("training %s on %s (%s, %s cache): %d train / %d val images, %d epochs, run %s",
-                 cfg.arch, device, Precision.for_device(device).name, cache, len(tr_idx), len(va_idx),
-                 cfg.epochs, run_dir)
+                 cfg.arch, device, precision.reason, cache, len(tr_idx), len(va_idx), cfg.epochs, run_dir)
 
-    bad_patience = 0
-    epoch = start_epoch - 1
+    bad_patience, epoch = 0, start_epoch - 1
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
-            t0 = time.perf_counter()
-            net.train()
-            total, seen = 0.0, 0
-            bar = progress_bar(total=steps_per_epoch * cfg.batch_size, desc=f"epoch {epoch}/{cfg.epochs}",
+            changed = apply_epoch(net, epoch, recipe)
+            if changed is not None and dist.main:
+                log.info("epoch %d: %s", epoch, "head only (backbone frozen)" if changed
+                         else f"all layers (backbone at lr x {recipe.backbone_mult:g})")
+            if changed is not None and dist.world > 1:  # DDP hooks only parameters that require grad
+                t.module = dist.wrap(_Forward01(net), device)
+            bar = progress_bar(total=len(train_loader) * cfg.batch_size, desc=f"epoch {epoch}/{cfg.epochs}",
                                enabled=progress and dist.main)
-            for b in train_loader:
-                x01 = augment_batch(to_float01(b.x), cfg.augment, gen)
-                if use_channels_last(device):
-                    x01 = x01.contiguous(memory_format=torch.channels_last)
-                y = b.y * (1 - cfg.label_smoothing) + 0.5 * cfg.label_smoothing
-                with autocast_context(device):
-                    logits = step_module(x01)
-                loss = F.binary_cross_entropy_with_logits(logits.float(), y)
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"loss became {loss.item()} in epoch {epoch}; try a lower --lr "
-                                        f"(last good checkpoint: {run_dir / 'last.pt'})")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                if ema is not None:
-                    ema.update(net)
-                total += loss.item() * len(y)
-                seen += len(y)
-                bar.update(len(y))
-                bar.set_postfix(loss=f"{total / seen:.4f}", refresh=False)
-            bar.close()
-            train_s = time.perf_counter() - t0
-            p, yv, rows_v = (dist.all_gather(t).cpu().numpy() for t in predict_loader(eval_net, val_loader, device))
-            # ranks pad their shares to equal length: count every validation row once
-            _, first = np.unique(rows_v, return_index=True)
-            m = evaluate_probs(p[first], yv[first])
-            row = {"epoch": epoch, "train_loss": total / max(seen, 1), **m,
-                   "lr": opt.param_groups[0]["lr"], "img_per_s": seen * dist.world / train_s,
-                   "seconds": time.perf_counter() - t0}
+            try:
+                st = train_one_epoch(t, train_loader, bar)
+            finally:  # an interrupted epoch's bar must not swallow the message that follows
+                bar.close()
+            if not math.isfinite(st.loss):
+                last = run_dir / "last.pt"
+                raise TrainingError(f"loss became {st.loss} in epoch {epoch}; try a lower --lr ("
+                                    + (f"last good checkpoint: {last})" if last.exists() else "no checkpoint kept)"))
+            m = evaluate(t.ema.model, val_loader, t.autocast, dist)
+            row = {"epoch": epoch, "train_loss": st.loss, **m, "lr": t.opt.param_groups[0]["lr"],
+                   "img_per_s": st.images * dist.world / st.seconds, "skipped_steps": st.skipped_steps,
+                   "seconds": st.seconds + 0.0}
             rows.append(row)
             improved = m["val_auc"] > best_auc
             if improved:
@@ -306,18 +324,17 @@ def fit(cfg: TrainConfig, resume: Optional[str | os.PathLike] = None, progress: 
             else:
                 bad_patience += 1
             if dist.main:
-                payload = _payload(cfg, store, eval_net, epoch, rows, best_auc, best_epoch)
+                payload = _payload(cfg, model_spec, store, t.ema.model, epoch, rows, best_auc, best_epoch, precision)
+                save_checkpoint(run_dir / "last.pt", {**payload, **training_state(t, train_loader, device)})
                 if improved:
                     save_checkpoint(run_dir / "best.pt", payload)
-                save_checkpoint(run_dir / "last.pt", {**payload, "train_weights": net.state_dict(),
-                                                      "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                                      "generator": gen.get_state().cpu(),
-                                                      "torch_rng": torch.get_rng_state()})
                 write_metrics(run_dir / "metrics.csv", rows)
                 plot_curves(run_dir / "curves.png", rows, title=f"{cfg.arch} on {Path(cfg.store).name}")
-                log.info("epoch %d/%d  loss %.4f  val_loss %.4f  val_auc %.4f  val_acc %.4f  %.0f img/s  %.1fs%s",
+                log.info("epoch %d/%d  loss %.4f  val_loss %.4f  val_auc %.4f  val_acc %.4f  %.0f img/s  %.1fs%s%s",
                          epoch, cfg.epochs, row["train_loss"], m["val_loss"], m["val_auc"], m["val_acc"],
-                         row["img_per_s"], row["seconds"], "  *best" if improved else "")
+                         row["img_per_s"], row["seconds"],
+                         f"  ({st.skipped_steps} fp16 steps skipped)" if st.skipped_steps else "",
+                         "  *best" if improved else "")
             dist.barrier()
             if cfg.patience and bad_patience >= cfg.patience:
                 if dist.main:
@@ -326,8 +343,6 @@ def fit(cfg: TrainConfig, resume: Optional[str | os.PathLike] = None, progress: 
     except torch.cuda.OutOfMemoryError:
         raise TrainingError(f"out of GPU memory at --batch-size {cfg.batch_size}; "
                             f"try --batch-size {max(1, cfg.batch_size // 2)}") from None
-    finally:
-        dist.close()
     if cfg.export and dist.main:
         from ..export import export_onnx
 
@@ -335,16 +350,17 @@ def fit(cfg: TrainConfig, resume: Optional[str | os.PathLike] = None, progress: 
     return TrainResult(run_dir, best_auc, best_epoch, epoch, time.perf_counter() - t_start)
 
 
-def _payload(cfg: TrainConfig, store: Store, net: torch.nn.Module, epoch: int,
-             rows: list[dict[str, Any]], best_auc: float, best_epoch: int) -> dict[str, Any]:
+def _payload(cfg: TrainConfig, model_spec: dict[str, Any], store: Store, net: torch.nn.Module, epoch: int,
+             rows: list[dict[str, Any]], best_auc: float, best_epoch: int, precision: Precision) -> dict[str, Any]:
     return {
-        "model": {"name": cfg.arch, "kwargs": dict(cfg.model_kwargs)},
+        "model": model_spec,
         "weights": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-        "mean": [float(v) for v in store.mean],
-        "std": [float(v) for v in store.std],
+        "mean": [float(v) for v in net.normalize.mean],   # what the network was trained with
+        "std": [float(v) for v in net.normalize.std],
         "stain": store.stain(),
         "store": {"path": str(Path(cfg.store).resolve()), "count": len(store)},
         "config": json.loads(json.dumps(cfg.to_dict())),
+        "precision": precision.name,
         "epoch": epoch,
         "metrics": rows,
         "val_auc": rows[-1]["val_auc"],
@@ -370,21 +386,3 @@ def _init_weights(net: Classifier, path: str) -> None:
     if len(missing) == len(net.state_dict()):
         raise PcamError(f"{path}: no weight matches the model")
     log.info("initialized from %s (%d tensors missing, %d unexpected)", path, len(missing), len(unexpected))
-
-
-def _load_resume(run_dir: Path, cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
-    if not (run_dir / "last.pt").is_file() or not (run_dir / "config.json").is_file():
-        raise PcamError(f"{run_dir}: not a run folder to resume (needs config.json and last.pt)")
-    saved = json.loads((run_dir / "config.json").read_text())
-    saved.pop("resolved", None)
-    run_cfg = TrainConfig.from_dict(saved)
-    state = load_checkpoint(run_dir / "last.pt")
-    if "optimizer" not in state:
-        raise PcamError(f"{run_dir}/last.pt: holds no optimizer state to resume from")
-    store_count = state["store"]["count"]
-    store = open_store(run_cfg.store)
-    if len(store) != store_count:
-        raise PcamError(f"{run_dir}: run was trained on {store_count} images, {run_cfg.store} has {len(store)}")
-    # everything comes from the run itself: the schedule was laid out for its epochs
-    run_cfg = replace(run_cfg, out=str(run_dir))
-    return run_cfg, state

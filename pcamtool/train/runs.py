@@ -1,16 +1,36 @@
-"""Run folders: where they go, which is the latest, and what they record."""
+"""Run folders and what they hold: config, metrics, curves and self-describing checkpoints.
+
+A checkpoint holds the model's full factory arguments, its weights (EMA
+weights when EMA is on), the normalization statistics and stain normalization
+the model was trained with, where it came from, and, for ``last.pt``, all
+state needed to resume. Only plain types and tensors go in, so it loads with
+``torch.load(weights_only=True)`` and any stage rebuilds the model from the
+file alone. Every file is written under a temporary name and renamed, so a
+kill never leaves half a file under a final name.
+"""
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
+import json
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
-from ..errors import ModelError
+import torch
+
+from .. import __version__
+from ..errors import ModelError, PcamError
+from ..io.fsutil import atomic_path
 
 RUNS = Path("runs")
-METRIC_FIELDS = ["epoch", "train_loss", "val_loss", "val_auc", "val_acc", "lr", "img_per_s", "seconds"]
+METRIC_FIELDS = ["epoch", "train_loss", "val_loss", "val_auc", "val_acc", "lr", "img_per_s", "seconds",
+                 "skipped_steps"]
+CHECKPOINTS = ("last.pt", "best.pt")
+RUN_FILES = ("config.json", "metrics.csv", "curves.png")
+FORMAT = "pcamtool-checkpoint"
+VERSION = 1
 
 
 def new_run_dir(arch: str, root: Path = RUNS) -> Path:
@@ -32,15 +52,90 @@ def latest_run(root: Path = RUNS, want: str = "best.pt") -> Path:
     return max(cands, key=lambda p: p.stat().st_mtime).parent
 
 
+def open_run_dir(path: Path) -> bool:
+    """Make ``path`` ready for a new run; True when this call created it.
+
+    A folder holding no checkpoint yet (a run killed or failed before its
+    first epoch ended) is taken over, so the same command simply runs again.
+    A folder with a checkpoint is a run to ``--resume``; one holding files a
+    run would overwrite that a run did not write is refused.
+    """
+    if not path.exists():
+        path.mkdir(parents=True)
+        return True
+    if not path.is_dir():
+        raise PcamError(f"{path}: exists and is not a folder (choose another -o)")
+    held = [name for name in CHECKPOINTS if (path / name).exists()]
+    if held:
+        raise PcamError(f"{path}: holds a trained run ({held[0]}); continue it with "
+                        f"'pcamtool train --resume {path}' or choose another -o")
+    for name in RUN_FILES:
+        if (path / name).exists() and not (name == "config.json" and _is_run_config(path / name)):
+            raise PcamError(f"{path / name}: exists and was not written by a pcamtool run (choose another -o)")
+    return False
+
+
+def discard_unfinished(path: Path, created: bool) -> bool:
+    """Remove what a run wrote to ``path`` if it never got to a checkpoint; True if it did so.
+
+    Only the run's own files go, and the folder itself only when the run made
+    it and nothing else is left in it.
+    """
+    if any((path / name).exists() for name in CHECKPOINTS):
+        return False
+    for name in RUN_FILES:
+        (path / name).unlink(missing_ok=True)
+    if created and path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
+    return True
+
+
+def _is_run_config(path: Path) -> bool:
+    try:
+        return "resolved" in json.loads(path.read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+@contextlib.contextmanager
+def _writing(path: Path, what: str) -> Iterator[Path]:
+    """:func:`atomic_path` whose failures (disk full, permissions) name the final path in one line."""
+    try:
+        with atomic_path(path, force=True) as tmp:
+            yield tmp
+    except OSError as exc:
+        raise PcamError(f"{path}: cannot write {what}: {exc.strerror or exc}") from None
+    except RuntimeError as exc:  # torch.save reports a full disk as "PytorchStreamWriter failed writing"
+        raise PcamError(f"{path}: cannot write {what}: {str(exc).splitlines()[0]}") from None
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    """The ``config.json`` of a run folder, as written (one clear line if it is not one)."""
+    path = run_dir / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PcamError(f"{run_dir}: not a run folder to resume (no config.json)") from None
+    except (OSError, ValueError) as exc:
+        raise PcamError(f"{path}: not a readable run config ({type(exc).__name__})") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("resolved"), dict):
+        raise PcamError(f"{path}: not a pcamtool run config")
+    return saved
+
+
+def write_config(path: Path, config: dict[str, Any]) -> None:
+    """``config.json``: the run's configuration with everything resolved."""
+    with _writing(path, "the run config") as tmp:
+        tmp.write_text(json.dumps(config, indent=2))
+
+
 def write_metrics(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     """Rewrite ``metrics.csv`` with ``rows`` (small: one row per epoch)."""
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "w", newline="") as f:
+    with _writing(path, "metrics") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
         w.writeheader()
         for r in rows:
             w.writerow({k: r.get(k, "") for k in METRIC_FIELDS})
-    os.replace(tmp, path)
 
 
 def plot_curves(path: Path, rows: Sequence[dict[str, Any]], title: Optional[str] = None) -> None:
@@ -65,7 +160,54 @@ def plot_curves(path: Path, rows: Sequence[dict[str, Any]], title: Optional[str]
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.partial.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with _writing(path, "curves") as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` (plus format markers) atomically; a full disk is one line naming ``path``."""
+    payload = {"format": FORMAT, "version": VERSION, "pcamtool_version": __version__, **payload}
+    with _writing(Path(path), "checkpoint") as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load and check a checkpoint written by :func:`save_checkpoint`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and torch errors alike
+        raise ModelError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ModelError(f"{path}: not a pcamtool checkpoint")
+    if ckpt.get("version") != VERSION:
+        raise ModelError(f"{path}: checkpoint version {ckpt.get('version')}, this pcamtool reads {VERSION}")
+    return ckpt
+
+
+def load_weights(net: torch.nn.Module, weights: dict[str, Any], where: str) -> None:
+    """``net.load_state_dict(weights)``, a mismatch reported in one line naming ``where``."""
+    try:
+        net.load_state_dict(weights)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0].rstrip(":. ")
+        raise ModelError(f"{where}: weights do not fit the model ({first})") from None
+
+
+def build_model(ckpt: dict[str, Any]) -> torch.nn.Module:
+    """The :class:`~pcamtool.contract.Classifier` of a checkpoint, weights loaded, in eval mode."""
+    from ..contract import Classifier
+    from ..models import create_model, without_pretrained
+
+    spec = ckpt["model"]
+    # the weights are in the checkpoint: never reload (or download) a pretrained file
+    net = Classifier(create_model(spec["name"], **without_pretrained(spec.get("kwargs", {}))),
+                     torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"]))
+    load_weights(net, ckpt["weights"], f"checkpoint of model {spec['name']}")
+    return net.eval()

@@ -56,6 +56,11 @@ def make_split(labels: np.ndarray, val_frac: float = 0.2, seed: int = 0,
             raise PcamError(f"--val-frac must be between 0 and 1, got {val_frac}")
         k = max(2, round(1 / val_frac))
     if groups is not None:
+        n_groups = len(np.unique(groups))
+        if n_groups < k:
+            how = f"--folds {folds}" if folds is not None else f"--val-frac {val_frac} (1/{k})"
+            raise PcamError(f"--groups: {n_groups} groups cannot make {k} folds for {how}; every fold needs "
+                            f"at least one group (use fewer folds, a larger --val-frac, or finer groups)")
         splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
         splits = list(splitter.split(idx, y, groups))
     elif folds is not None:

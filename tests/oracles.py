@@ -1,0 +1,109 @@
+"""Numpy twins of package code, written independently of it: what tests (and the stain benchmark) compare against.
+
+* :func:`reinhard_numpy`, :func:`macenko_numpy`: the stain normalization
+  formulas in float64 numpy, one image at a time (the kernels of
+  :mod:`pcamtool.kernels.stain` must stay within one grey level of them; the
+  stain benchmark times them as its baseline).
+* :func:`tumour_touches_centre`: the PCam label rule on cell geometry, apart
+  from the painter that marks the same footprints.
+* :func:`render_split`: a whole synthetic split in memory.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from pcamtool.kernels import stain as K
+from pcamtool.stain import StainReference
+from pcamtool.synth import Rendered, iter_split
+from pcamtool.synth import schema
+
+SIZE = schema.SIZE
+
+
+# ---------------------------------------------------------------- stain normalization
+
+def _enough_tissue(count: int, total: int) -> bool:
+    return count >= max(16, K.MIN_TISSUE * total)
+
+
+def reinhard_numpy(image: np.ndarray, reference: StainReference) -> np.ndarray:
+    """Reinhard normalization of one uint8 image with vectorized numpy."""
+    rgb = image.reshape(-1, 3).astype(np.float64)
+    mask = rgb.mean(1) <= K.TISSUE_MAX_MEAN
+    if not _enough_tissue(int(mask.sum()), mask.size):
+        return image.copy()
+
+    def to_lab(x: np.ndarray) -> np.ndarray:
+        return np.log10(np.maximum(x @ K.RGB2LMS.T, K.LMS_FLOOR)) @ K.LMS2LAB.T
+
+    lab_t = to_lab(rgb[mask])
+    mean, std = lab_t.mean(0), lab_t.std(0)
+    if not (std > 1e-6).all():
+        return image.copy()
+    lab = (to_lab(rgb) - mean) * (np.asarray(reference.params["std"]) / std) + np.asarray(reference.params["mean"])
+    out = (10.0 ** (lab @ K.LAB2LMS.T)) @ K.LMS2RGB.T
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8).reshape(image.shape)
+
+
+def macenko_numpy(image: np.ndarray, reference: StainReference) -> np.ndarray:
+    """Macenko normalization of one uint8 image with vectorized numpy."""
+    od = -np.log((image.reshape(-1, 3).astype(np.float64) + 1.0) / 256.0)
+    odh = od[(od >= K.OD_BETA).all(1)]
+    if not _enough_tissue(len(odh), len(od)):
+        return image.copy()
+    vals, vecs = np.linalg.eigh(np.cov(odh.T))
+    if not vals[1] > 1e-12:
+        return image.copy()
+    plane = vecs[:, 1:3] * np.where(vecs[:, 1:3].sum(0) < 0, -1.0, 1.0)
+    proj = odh @ plane
+    phi = np.arctan2(proj[:, 1], proj[:, 0])
+    lo, hi = np.percentile(phi, K.ALPHA), np.percentile(phi, 100 - K.ALPHA)
+    v1 = plane @ np.array([np.cos(lo), np.sin(lo)])
+    v2 = plane @ np.array([np.cos(hi), np.sin(hi)])
+    he = np.stack([v1, v2] if v1[0] > v2[0] else [v2, v1], axis=1)
+    he /= np.linalg.norm(he, axis=0)
+    if np.linalg.det(he.T @ he) < 1e-6:
+        return image.copy()
+    conc = np.linalg.lstsq(he, od.T, rcond=None)[0].T
+    max_c = np.percentile(conc, 99, axis=0)
+    if not (max_c > 1e-6).all():
+        return image.copy()
+    ref_he = np.asarray(reference.params["stain_matrix"]).T
+    conc *= np.asarray(reference.params["max_concentrations"]) / max_c
+    out = 256.0 * np.exp(-(conc @ ref_he.T)) - 1.0
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8).reshape(image.shape)
+
+
+# ---------------------------------------------------------------- synthetic patches
+
+def tumour_touches_centre(cells: np.ndarray) -> bool:
+    """The PCam rule checked on geometry: does a tumour footprint cover a centre pixel?
+
+    A tumour cell's footprint is every pixel centre within its body radius
+    ``C_CYR``; the centre is pixels 32..63 on both axes. This is computed
+    independently of the painter, which marks the same footprints.
+    """
+    tum = cells[cells[:, schema.C_KIND] == schema.KIND_TUMOUR]
+    if len(tum) == 0:
+        return False
+    g = np.arange(schema.CENTRE_LO, schema.CENTRE_HI + 1, dtype=np.float64)
+    dx = g[None, :] - tum[:, schema.C_X, None]
+    dy = g[None, :] - tum[:, schema.C_Y, None]
+    d2 = dx[:, None, :] ** 2 + dy[:, :, None] ** 2
+    return bool((d2 <= (tum[:, schema.C_CYR] ** 2)[:, None, None]).any())
+
+
+def render_split(n: int, seed: int = 0, split: str = "train", with_cells: bool = False) -> Rendered:
+    """Paint a whole split in memory (``n`` of a few thousand at most)."""
+    parts = list(iter_split(n, seed, split, batch=256, with_cells=with_cells))
+    if not parts:
+        e = np.zeros(0, np.int64)
+        return Rendered(e, np.zeros((0, SIZE, SIZE, 3), np.uint8), np.zeros((0, SIZE, SIZE), bool),
+                        np.zeros(0, np.int8), e, e, [] if with_cells else None)
+
+    def cat(name: str) -> np.ndarray:
+        return np.concatenate([getattr(p, name) for p in parts])
+
+    cells = [c for p in parts for c in p.cells] if with_cells else None
+    return Rendered(cat("index"), cat("images"), cat("tumour_mask"), cat("labels"),
+                    cat("targets"), cat("slide"), cells)

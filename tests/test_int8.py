@@ -1,0 +1,106 @@
+"""``export --int8``: static quantization, its AUC/probability check against fp32, and ``infer`` on it."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from pcamtool import pack, quantize
+from pcamtool.cli import cli
+from pcamtool.errors import ModelError, PcamError
+from pcamtool.export import export_onnx
+from pcamtool.infer import predict
+from pcamtool.io.store import open_store
+from pcamtool.train.loop import fit
+from pcamtool.train.split import make_split
+
+from helpers import write_kaggle
+from test_train import learnable_store, tiny
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A model trained on a store whose labels are 1 in 6 wrong: AUC < 1, so comparing AUCs means something."""
+    root = tmp_path_factory.mktemp("int8")
+    learnable_store(root, n=96)
+    lines = (root / "train_labels.csv").read_text().splitlines()
+    flipped = [f"{ln.split(',')[0]},{1 - int(ln.split(',')[1])}" if i % 6 == 0 else ln
+               for i, ln in enumerate(lines[1:])]
+    (root / "train_labels.csv").write_text("\n".join([lines[0], *flipped]) + "\n")
+    store = pack(root / "train", progress=False, force=True).path
+    res = fit(tiny(store, root / "run", epochs=2, arch="pcamnet"), progress=False)
+    fp32 = export_onnx(res.run_dir, root / "fp32.onnx")
+    write_kaggle(root, n=12, seed=5, split="test", labels=False)
+    return root, res.run_dir, store, fp32.path
+
+
+def test_int8_export_checked_and_recorded(run):
+    root, run_dir, store, fp32 = run
+    res = export_onnx(run_dir, root / "int8.onnx", int8=True)
+    check = res.int8
+    assert check is not None and check.split == "the run's validation split"
+    # the run's own validation rows: the ones training reported its AUC on
+    assert check.rows == 20 and 0.6 < check.auc_fp32 < 1.0
+    y = open_store(store).labels[make_split(open_store(store).labels, 0.2, 0)[1]]
+    one_pair = 1 / (np.sum(y) * np.sum(1 - y))   # on 20 rows one swapped pair may move the AUC this much
+    assert abs(check.auc_delta) <= one_pair + 1e-9 and check.max_abs_diff <= quantize.PROB_TOLERANCE
+    proto = onnx.load(str(res.path))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["precision"] == "int8" and meta["format"] == "pcamtool-onnx"
+    assert int(meta["int8_calibration_images"]) == 76 and float(meta["int8_auc_delta"]) == pytest.approx(
+        check.auc_delta, abs=1e-6)
+    ops = [n.op_type for n in proto.graph.node]
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    # the uint8 input and the float preprocessing are untouched: the graph still starts Transpose -> Cast
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    first_q = ops.index("QuantizeLinear")
+    assert {"Cast", "Sub", "Div"} <= set(ops[:first_q])
+    # the head stays float: no probability rounded to 1/255 steps
+    assert ops[-1] == "Sigmoid"
+    # so does the stem convolution on the 3 colour channels: its weights are a float initializer
+    (stem,) = quantize.thin_convs(fp32)
+    node = next(n for n in proto.graph.node if n.name == stem)
+    weights = {t.name: t for t in proto.graph.initializer}
+    assert node.op_type == "Conv" and weights[node.input[1]].data_type == onnx.TensorProto.FLOAT
+    assert float(meta["int8_mean_abs_diff"]) <= quantize.MEAN_TOLERANCE
+
+
+def test_infer_runs_int8_unchanged(run):
+    root, run_dir, store, fp32 = run
+    int8 = root / "int8-infer.onnx"
+    r = CliRunner().invoke(cli, ["-q", "export", str(run_dir), "--int8", "-o", str(int8)])
+    assert r.exit_code == 0, r.output
+    a = predict(root / "test", [fp32], tta=8, provider="cpu", progress=False)
+    b = predict(root / "test", [int8], tta=8, provider="cpu", progress=False)
+    assert a.ids == b.ids and len(b.probs) == 12
+    assert np.abs(a.probs - b.probs).max() <= quantize.PROB_TOLERANCE
+    assert not np.allclose(a.probs, b.probs, atol=1e-7)  # it really is another graph
+    r = CliRunner().invoke(cli, ["-q", "infer", str(root / "test"), "--model", str(int8), "--provider", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.splitlines()[0] == "id,label" and len(r.stdout.splitlines()) == 13
+
+
+def test_int8_store_override_uses_documented_holdout(run):
+    root, run_dir, store, fp32 = run
+    other = root / "other.h5"
+    other.write_bytes(store.read_bytes())
+    res = export_onnx(run_dir, root / "int8-other.onnx", int8=True, store_path=other, calibration_images=64)
+    assert res.int8 is not None and "stratified 20% hold-out" in res.int8.split
+    assert res.int8.calibration_images == 64 and res.int8.rows == math.ceil(0.2 * len(open_store(other)))
+
+
+def test_int8_refused_leaves_no_file(run, monkeypatch, tmp_path):
+    root, run_dir, store, fp32 = run
+    monkeypatch.setattr(quantize, "PROB_TOLERANCE", 0.0)   # an int8 graph always differs a little
+    out = tmp_path / "refused.onnx"
+    with pytest.raises(ModelError, match="int8 graph fails its check.*export refused"):
+        export_onnx(run_dir, out, int8=True)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(PcamError, match="--int8 and --fp16"):
+        export_onnx(run_dir, out, int8=True, fp16=True)
+    with pytest.raises(PcamError, match="calibrates on the training store"):
+        export_onnx(run_dir, out, int8=True, store_path=tmp_path / "none.h5")
+    assert not out.exists()
