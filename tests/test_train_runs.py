@@ -219,3 +219,40 @@ def test_ctrl_c_on_the_command_line_is_one_line_and_exit_130(store, tmp_path, mo
     assert r.output.strip().splitlines()[-1] == ("Interrupted: stopped before the first epoch ended, so nothing "
                                                  "was kept; the same command starts again")
     assert "Traceback" not in r.output and not out.exists()
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGINT"])
+def test_train_killed_mid_run_resumes_to_the_uninterrupted_metrics(store, tmp_path, sig):
+    """A real kill (SIGKILL, or Ctrl-C's SIGINT) of `pcamtool train` after its first checkpoint:
+    `--resume` finishes the run with the same metrics as a run never interrupted."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    epochs = 6
+    full = fit(tiny(store, tmp_path / "full", epochs=epochs), progress=False)
+    run = tmp_path / "killed"
+    base = [sys.executable, "-m", "pcamtool", "-q", "train"]
+    opts = ["--arch", "simple", "--model-arg", "width=8", "--epochs", str(epochs), "--batch-size", "16",
+            "--lr", "0.003", "--device", "cpu", "--threads", "1"]
+    p = subprocess.Popen(base + [str(store), "-o", str(run), *opts], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run / "last.pt").exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    p.send_signal(getattr(signal, sig))
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == (-signal.SIGKILL if sig == "SIGKILL" else 130), err
+    if sig == "SIGINT":
+        assert err.strip().splitlines()[-1].endswith(f"continue with: pcamtool train --resume {run}")
+        assert "Traceback" not in err
+    # killed at once after the first checkpoint: maybe before metrics.csv was (re)written
+    assert (run / "last.pt").exists()
+    assert not (run / "metrics.csv").exists() or len(read_metrics(run)) < epochs
+    r = subprocess.run(base + ["--resume", str(run)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    keys = ("epoch", "train_loss", "val_loss", "val_auc")
+    assert [[row[k] for k in keys] for row in read_metrics(run)] == \
+           [[row[k] for k in keys] for row in read_metrics(full.run_dir)]
+    assert not list(run.glob(".*.partial"))  # the killed run's temporary was cleaned up
