@@ -107,8 +107,26 @@ def test_temporaries_of_dead_processes_are_removed(tmp_path):
 # ---------------------------------------------------------------- Ctrl-C, kills, two runs
 
 
+# `pcamtool -q pack ...` with every decoded batch held back 50 ms: a compressed
+# pack of these few files is otherwise done within a blink of a quiet machine,
+# before the test's signal lands (the test raced, and lost on an idle CI run).
+_SLOW_PACK_CLI = """
+import sys, time
+import pcamtool.io.pack as P
+real = P.iter_batches
+def slow(*a, **k):
+    for b in real(*a, **k):
+        time.sleep(0.05)
+        yield b
+P.iter_batches = slow
+from pcamtool.cli import main
+sys.argv = ["pcamtool", "-q", "pack", *sys.argv[1:]]
+main()
+"""
+
+
 def _spawn_pack(src: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pcamtool", "-q", "pack", str(src), *args],
+    return subprocess.Popen([sys.executable, "-c", _SLOW_PACK_CLI, str(src), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
