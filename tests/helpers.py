@@ -33,3 +33,15 @@ def write_kaggle(root: Path, n: int = 40, seed: int = 0, split: str = "train",
         rows = "\n".join(f"{i},{int(v)}" for i, v in zip(ids, y))
         (root / f"{split}_labels.csv").write_text(f"id,label\n{rows}\n")
     return ids, images, y
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` for a child that is to be Ctrl-C'd: SIGINT back to its default.
+
+    A test run started in the background of a non-interactive shell (as CI
+    may be) inherits SIGINT *ignored*, and Python then installs no
+    KeyboardInterrupt handler, so the child would never see the signal.
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

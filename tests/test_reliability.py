@@ -19,7 +19,7 @@ from pcamtool.errors import BusyError, ExistsError, Interrupted, PcamError
 from pcamtool.io.csvio import read_id_table, write_rows
 from pcamtool.io.fsutil import atomic_path, lock_name, remove_dead_temps
 
-from helpers import write_kaggle
+from helpers import default_sigint, write_kaggle
 
 
 def _leftovers(folder: Path) -> list[str]:
@@ -127,7 +127,7 @@ main()
 
 def _spawn_pack(src: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", _SLOW_PACK_CLI, str(src), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
 
 
 def _wait_for_temp(proc: subprocess.Popen, folder: Path, name: str, min_bytes: int) -> Path:

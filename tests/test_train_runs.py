@@ -17,6 +17,7 @@ from pcamtool.train.loop import fit
 from pcamtool.train.runs import build_model, load_checkpoint
 from pcamtool.train.split import make_split
 
+from helpers import default_sigint
 from test_train import learnable_store, read_metrics, tiny
 
 
@@ -237,7 +238,7 @@ def test_train_killed_mid_run_resumes_to_the_uninterrupted_metrics(store, tmp_pa
     opts = ["--arch", "simple", "--model-arg", "width=8", "--epochs", str(epochs), "--batch-size", "16",
             "--lr", "0.003", "--device", "cpu", "--threads", "1"]
     p = subprocess.Popen(base + [str(store), "-o", str(run), *opts], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     deadline = time.monotonic() + 120
     while not (run / "last.pt").exists() and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)

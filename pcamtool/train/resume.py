@@ -23,7 +23,7 @@ from ..device import Precision
 from ..errors import PcamError
 from ..io.store import open_store
 from .data import BatchLoader
-from .runs import load_checkpoint, load_weights, read_run_config
+from .runs import load_checkpoint, load_weights, read_run_config, remove_dead_temporaries
 
 if TYPE_CHECKING:
     from .loop import Trainer
@@ -47,6 +47,7 @@ def resume_config(run_dir: Path, overrides: dict[str, Any]) -> tuple[TrainConfig
         missing or another run's, a refused override, or a store that changed.
     """
     saved = read_run_config(run_dir)
+    remove_dead_temporaries(run_dir)  # a SIGKILL mid-save leaves one; this run will not rewrite every file
     saved.pop("resolved")
     run_cfg = TrainConfig.from_dict(saved, source=run_dir / "config.json")
     if not (run_dir / "last.pt").is_file():

@@ -72,7 +72,16 @@ def open_run_dir(path: Path) -> bool:
     for name in RUN_FILES:
         if (path / name).exists() and not (name == "config.json" and _is_run_config(path / name)):
             raise PcamError(f"{path / name}: exists and was not written by a pcamtool run (choose another -o)")
+    remove_dead_temporaries(path)
     return False
+
+
+def remove_dead_temporaries(path: Path) -> None:
+    """Remove what killed processes left half-written in run folder ``path`` (their own temporaries only)."""
+    from ..io.fsutil import remove_dead_temps
+
+    for name in (*CHECKPOINTS, *RUN_FILES, "model.onnx"):
+        remove_dead_temps(path / name)
 
 
 def discard_unfinished(path: Path, created: bool) -> bool:
