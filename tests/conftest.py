@@ -20,3 +20,11 @@ def real_dir() -> Path:
     if not (REAL / "train").is_dir():
         pytest.skip("real sample ../shared/pcam-real not present")
     return REAL
+
+
+@pytest.fixture
+def no_curves(monkeypatch):
+    """Training tests that do not look at curves.png skip its quarter second of matplotlib per epoch."""
+    import pcamtool.train.loop as loop
+
+    monkeypatch.setattr(loop, "plot_curves", lambda *a, **k: None)

@@ -25,10 +25,7 @@ INIT_SCALE = 2.0 ** 24  # high enough that the first steps overflow in fp16 and 
 SMALL = {"model_kwargs": {"width": 2, "hidden": 8}}  # fp16 convolutions are slow on a CPU: keep them tiny
 
 
-@pytest.fixture(autouse=True)
-def no_curves(monkeypatch):
-    """curves.png costs a quarter second of matplotlib per epoch; test_train.py checks it."""
-    monkeypatch.setattr(loop, "plot_curves", lambda *a, **k: None)
+pytestmark = pytest.mark.usefixtures("no_curves")
 
 
 @pytest.fixture(scope="module")

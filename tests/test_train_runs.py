@@ -21,10 +21,7 @@ from helpers import default_sigint
 from test_train import learnable_store, read_metrics, tiny
 
 
-@pytest.fixture(autouse=True)
-def no_curves(monkeypatch):
-    """curves.png costs a quarter second of matplotlib per epoch; test_train.py checks it."""
-    monkeypatch.setattr(loop, "plot_curves", lambda *a, **k: None)
+pytestmark = pytest.mark.usefixtures("no_curves")
 
 
 @pytest.fixture(scope="module")
