@@ -141,3 +141,29 @@ def test_cv_command(store, tmp_path):
     r = CliRunner().invoke(cli, ["-q", "cv", "--resume", str(out), "--threads", "1", "--no-export"])
     assert r.exit_code == 0, r.output
     assert json.loads((out / "cv.json").read_text())["folds"] == 2
+
+
+def test_infer_with_a_cv_folder_averages_its_folds(store, tmp_path):
+    """`infer --model CV_DIR` is the ensemble of its folds: the mean, or with --average rank the mean rank."""
+    from scipy.stats import rankdata
+
+    from pcamtool.infer import predict
+
+    out = tmp_path / "cv"
+    run_cv(tiny(store), folds=2, out=out, progress=False)
+    folds = [out / "fold0" / "model.onnx", out / "fold1" / "model.onnx"]
+    each = [predict(store, [m], tta=1, provider="cpu", progress=False).probs for m in folds]
+    mean = predict(store, [out], tta=1, provider="cpu", progress=False)
+    assert np.allclose(mean.probs, (each[0] + each[1]) / 2)
+    rank = predict(store, [out], tta=1, provider="cpu", progress=False, average="rank")
+    n = len(each[0])
+    assert np.allclose(rank.probs, np.mean([(rankdata(p) - 1) / (n - 1) for p in each], axis=0))
+    r = CliRunner().invoke(cli, ["-q", "infer", str(store), "--model", str(out), "--tta", "1", "--provider", "cpu",
+                                 "--average", "rank"])
+    assert r.exit_code == 0, r.output
+    assert len(r.output.strip().splitlines()) == n + 1
+    r = CliRunner().invoke(cli, ["-q", "infer", str(store), "--model", str(out), "--average", "rank",
+                                 "--shard", "0/2"])
+    assert r.exit_code == 1 and "--average rank" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(cli, ["-q", "infer", str(store), "--model", str(tmp_path)])
+    assert r.exit_code == 1 and "no fold*/model.onnx" in r.output
