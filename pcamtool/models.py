@@ -329,10 +329,12 @@ def without_pretrained(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {**kwargs, "pretrained": None} if "pretrained" in kwargs else dict(kwargs)
 
 
-def _jsonable(v: Any) -> Any:
-    # tuples become lists so recorded kwargs equal their JSON round trip
+def jsonable(v: Any) -> Any:
+    """``v`` as its JSON round trip gives it back (tuples become lists), so recorded kwargs compare equal."""
+    if isinstance(v, dict):
+        return {k: jsonable(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
+        return [jsonable(x) for x in v]
     return v
 
 
@@ -366,7 +368,7 @@ def resolve_model_args(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
                          f"(it takes: {', '.join(sig.parameters)})")
     bound = sig.bind(**kwargs)
     bound.apply_defaults()
-    full = {k: _jsonable(v) for k, v in bound.arguments.items()}
+    full = {k: jsonable(v) for k, v in bound.arguments.items()}
     _validate(name, full)
     return full
 

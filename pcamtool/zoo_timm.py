@@ -138,6 +138,8 @@ def resolve(timm_name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
         ``pretrained=True`` for a network timm has no weights for, a bad
         ``img_size``, or timm missing.
     """
+    from .models import jsonable  # models imports this module lazily: no cycle at import time
+
     timm = _timm()
     kw = dict(kwargs)
     if kw.get("timm_name", timm_name) != timm_name:
@@ -161,15 +163,7 @@ def resolve(timm_name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
         raise ModelError(f"{label}: timm {timm.__version__} has no pretrained weights for it "
                          f"(pass a weights file, or train from random init)")
     return {"timm_name": timm_name, "img_size": img_size, "pretrained": pretrained,
-            "timm_kwargs": _jsonable(timm_kwargs), "timm_version": timm.__version__}
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    return v
+            "timm_kwargs": jsonable(timm_kwargs), "timm_version": timm.__version__}
 
 
 def _pretrained_cfg(timm_name: str) -> Any:
