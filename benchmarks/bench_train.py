@@ -79,15 +79,16 @@ def test_train_epoch(benchmark, record, packed_store: Path, device, cache):
 
 
 def _step(dev: torch.device, arch: str, autocast: Callable[[], object]) -> Callable[[], None]:
-    """One augmented optimizer step of ``arch`` on a fixed batch, under ``autocast()``."""
-    net = Classifier(create_model(arch), [0.7, 0.55, 0.7], [0.24, 0.28, 0.22]).to(dev)
+    """One augmented optimizer step of ``arch`` on a fixed batch, under ``autocast()``, in the device's layout."""
+    fmt = Precision.for_device(dev).memory_format    # channels-last on CPUs and GPUs, as fit() trains
+    net = Classifier(create_model(arch), [0.7, 0.55, 0.7], [0.24, 0.28, 0.22]).to(dev, memory_format=fmt)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     gen = torch.Generator(device=dev.type).manual_seed(0)
     x = torch.randint(0, 256, (BATCH[dev.type], 96, 96, 3), dtype=torch.uint8, device=dev)
     y = (torch.arange(BATCH[dev.type], device=dev) % 2).float()
 
     def step() -> None:
-        x01 = augment_batch(to_float01(x), AugmentConfig(), gen)
+        x01 = augment_batch(to_float01(x), AugmentConfig(), gen).contiguous(memory_format=fmt)
         with autocast():
             logits = net.forward01(x01)
         loss = F.binary_cross_entropy_with_logits(logits.float(), y)

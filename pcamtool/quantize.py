@@ -2,11 +2,15 @@
 
 onnxruntime's static quantization in QDQ format: weights int8 per output
 channel, activations uint8, ranges calibrated (min/max) on a few thousand
-training images. Only the network's body is quantized (:data:`QUANT_OPS`):
-the input's uint8 -> float conversion and the normalization stay float, so
-the file still takes the same uint8 images, and so do the pooled head and the
-sigmoid, so probabilities are not rounded to 1/255 steps. Convolutions on the
-3 colour channels with a stride stay float too (:func:`thin_convs`: faster).
+training images. The file still takes the same uint8 images: the image
+itself is the first quantized tensor (scale 1/255, zero point 0, exact), the
+normalization becomes a 1x1 int8 convolution that adds a 4th, all-zero
+channel for the stem (:mod:`pcamtool.int8_rewrite`: onnxruntime's int8
+convolution has no fast path for 3 input channels). The body is quantized
+(:data:`QUANT_OPS`); the pooled head and the sigmoid stay float, so
+probabilities are not rounded to 1/255 steps. In a graph whose
+normalization does not feed the stem directly, the preprocessing stays float
+and strided convolutions on the 3 colour channels too (:func:`thin_convs`).
 
 Weights use 7 bits (``reduce_range``): on CPUs without AVX-512 VNNI,
 onnxruntime multiplies uint8 by int8 with ``vpmaddubsw``, whose int16 sums
@@ -31,11 +35,12 @@ from typing import Any, Optional
 import numpy as np
 
 from .errors import ModelError, PcamError
+from .int8_rewrite import INPUT_SCALE, feed_uint8_input, normalization_as_conv, tile_channel_constants
 from .onnx_io import INPUT
 
 log = logging.getLogger("pcamtool")
 
-QUANT_OPS = ("Conv", "Relu", "MaxPool", "Add")   # the body; Cast/Div/Sub, ReduceMean, Gemm, Sigmoid stay float
+QUANT_OPS = ("Conv", "Relu", "MaxPool", "Add", "Pad")   # the body; Cast/Div/Sub, ReduceMean, Gemm, Sigmoid stay float
 CALIBRATION_IMAGES = 2048     # training rows whose activation ranges set the scales
 CHECK_ROWS = 8192             # at most this many validation rows judge the int8 graph
 AUC_TOLERANCE = 0.002         # |AUC int8 - AUC fp32| allowed on those rows (or one swapped pair, if more)
@@ -49,6 +54,8 @@ AUC_TOLERANCE = 0.002         # |AUC int8 - AUC fp32| allowed on those rows (or 
 PROB_TOLERANCE = 0.15
 MEAN_TOLERANCE = 0.02
 BATCH = 64
+PREPROCESSING_INT8 = "uint8 input at scale 1/255, normalization as a 1x1 int8 convolution (3 -> 4 channels)"
+PREPROCESSING_FLOAT = "preprocessing and strided colour-channel convolutions in float"
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,7 @@ class Int8Check:
     max_abs_diff: float       # max |p_int8 - p_fp32|
     mean_abs_diff: float
     split: str                # where the rows came from, in words
+    preprocessing: str = PREPROCESSING_FLOAT   # how the graph turns the uint8 image into the stem's input
 
     @property
     def auc_delta(self) -> float:
@@ -70,7 +78,7 @@ class Int8Check:
     def metadata(self) -> dict[str, str]:
         """What the ONNX file records about its quantization (strings, per ONNX)."""
         return {"precision": "int8", "int8_scheme": "onnxruntime static QDQ, per-channel int8 (7-bit) weights, "
-                "uint8 activations, min/max calibration; preprocessing, stem convolution and head in float",
+                f"uint8 activations, min/max calibration; {self.preprocessing}; head in float",
                 "int8_calibration_images": str(self.calibration_images), "int8_check_rows": str(self.rows),
                 "int8_check_split": self.split, "int8_auc_fp32": f"{self.auc_fp32:.6f}",
                 "int8_auc_delta": f"{self.auc_delta:+.6f}", "int8_max_abs_diff": f"{self.max_abs_diff:.6f}",
@@ -134,7 +142,10 @@ class _Calibration:
 def thin_convs(path: Path) -> list[str]:
     """Names of the strided convolutions on the raw colour channels (3 inputs), which stay float.
 
-    Measured on an idle AVX-512 VNNI CPU (batch 256, int8 over fp32, graphs
+    Only a graph that :func:`pcamtool.int8_rewrite.normalization_as_conv`
+    could not rewrite still has such a stem (once rewritten, a quantized
+    4-channel stem was faster: pcamnet 2.2x fp32 against 1.8x with it
+    float). Measured before that rewrite on an idle AVX-512 VNNI CPU (batch 256, int8 over fp32, graphs
     timed in turns in one process, two runs each), all convolutions quantized
     vs this stem kept float: pcamnet (stride-2 stem) 1.63-1.78x vs 1.89-2.02x;
     plain4 (stride-1 stem, then a float 2x2 max-pool) 1.76-1.91x vs
@@ -154,8 +165,14 @@ def thin_convs(path: Path) -> list[str]:
             and weights[n.input[1]][1] <= 3 and strided(n)]
 
 
-def quantize_graph(fp32_path: Path, out_path: Path, store: Any, rows: np.ndarray) -> None:
-    """Write the int8 QDQ version of the fp32 graph ``fp32_path`` to ``out_path``, calibrated on ``rows``."""
+def quantize_graph(fp32_path: Path, out_path: Path, store: Any, rows: np.ndarray) -> str:
+    """Write the int8 QDQ version of the fp32 graph ``fp32_path`` to ``out_path``, calibrated on ``rows``.
+
+    Returns how the graph preprocesses (:data:`PREPROCESSING_INT8` where the
+    rewrites of :mod:`pcamtool.int8_rewrite` applied, else
+    :data:`PREPROCESSING_FLOAT`), for the metadata.
+    """
+    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -164,13 +181,26 @@ def quantize_graph(fp32_path: Path, out_path: Path, store: Any, rows: np.ndarray
         pre = Path(work) / "pre.onnx"
         # shape inference and graph optimization first, as onnxruntime recommends for static quantization
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=False)
+        proto = onnx.load(str(pre))
+        x01 = normalization_as_conv(proto)
+        tile_channel_constants(proto)
+        onnx.save(proto, str(pre))
+        # the image in [0, 1] quantizes exactly at scale 1/255 (calibration might see no white pixel)
+        pinned = {x01: [{"scale": np.array(INPUT_SCALE), "zero_point": np.array(0, np.uint8)}]} if x01 else {}
         quantize_static(str(pre), str(out_path), reader, quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=list(QUANT_OPS), nodes_to_exclude=thin_convs(pre), per_channel=True, reduce_range=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=list(QUANT_OPS), nodes_to_exclude=thin_convs(pre), per_channel=True,
+                        reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         # MinMax keeps only each batch's reduced min/max, so memory does not grow
                         # with the calibration set (CalibMaxIntermediateOutputs would drop data: ORT 1.31)
                         calibrate_method=CalibrationMethod.MinMax,
-                        calibration_providers=["CPUExecutionProvider"])
+                        calibration_providers=["CPUExecutionProvider"],
+                        extra_options={"TensorQuantOverrides": pinned} if pinned else {})
+    if not x01:
+        return PREPROCESSING_FLOAT
+    proto = onnx.load(str(out_path))
+    if feed_uint8_input(proto, x01):
+        onnx.save(proto, str(out_path))
+    return PREPROCESSING_INT8
 
 
 def _predict(session: Any, store: Any, rows: np.ndarray) -> np.ndarray:
@@ -178,7 +208,7 @@ def _predict(session: Any, store: Any, rows: np.ndarray) -> np.ndarray:
 
 
 def check_int8(fp32_path: Path, int8_path: Path, val_store: Any, rows: np.ndarray, calibration_images: int,
-               how: str, out_name: Path) -> Int8Check:
+               how: str, out_name: Path, preprocessing: str = PREPROCESSING_FLOAT) -> Int8Check:
     """Compare the two graphs on the CPU; a ModelError names ``out_name`` when int8 is not good enough."""
     from .evaluate import binary_metrics
     from .onnx_io import open_session
@@ -188,7 +218,7 @@ def check_int8(fp32_path: Path, int8_path: Path, val_store: Any, rows: np.ndarra
     y = val_store.labels[rows]
     diff = np.abs(p8 - p32)
     res = Int8Check(len(rows), calibration_images, binary_metrics(p32, y)["auc"], binary_metrics(p8, y)["auc"],
-                    float(diff.max()), float(diff.mean()), how)
+                    float(diff.max()), float(diff.mean()), how, preprocessing)
     if not np.isfinite(res.auc_fp32):
         raise ModelError(f"{out_name}: int8 check needs both classes among the {len(rows)} validation rows "
                          f"({how})")
@@ -237,5 +267,5 @@ def quantize_checked(fp32_path: Path, out_tmp: Path, ckpt: dict[str, Any], store
     rows = _subset(val_rows, check_rows, seed + 1)
     log.info("int8: calibrating on %d training images, checking on %d validation rows (%s)", len(calib),
              len(rows), how)
-    quantize_graph(fp32_path, out_tmp, store, calib)
-    return check_int8(fp32_path, out_tmp, val_store, rows, len(calib), how, out_name)
+    preprocessing = quantize_graph(fp32_path, out_tmp, store, calib)
+    return check_int8(fp32_path, out_tmp, val_store, rows, len(calib), how, out_name, preprocessing)

@@ -100,7 +100,7 @@ def test_cuda_precision_by_generation(monkeypatch, fresh_precision, cap, name, r
     assert dev == torch.device("cuda") and resolve_device("auto") == torch.device("cuda")
     assert resolve_device("cuda:0") == torch.device("cuda", 0)
     p = Precision.for_device(dev)
-    assert (p.name, p.reason, p.channels_last) == (name, reason, True)
+    assert (p.name, p.reason, p.channels_last, p.micro_batch) == (name, reason, True, 0)  # GPUs take whole batches
     assert p.memory_format == torch.channels_last
     assert p.needs_scaler == (name == "fp16")
     device_mod._precision.cache_clear()
@@ -156,4 +156,20 @@ def test_cpu_channels_last_can_be_forced_off(monkeypatch, fresh_precision):
     monkeypatch.setenv("PCAMTOOL_CHANNELS_LAST", "0")
     p = Precision.for_device("cpu")
     assert not p.channels_last and p.memory_format == torch.contiguous_format
-    assert p.reason.endswith("contiguous (PCAMTOOL_CHANNELS_LAST=0)")
+    assert p.reason.endswith("; contiguous (PCAMTOOL_CHANNELS_LAST=0)") and p.micro_batch == 0
+
+
+@pytest.mark.parametrize("value, want", [("", 0), ("0", 0), ("32", 32), (" 64 ", 64)])
+def test_cpu_micro_batch_is_opt_in_and_recorded(monkeypatch, fresh_precision, value, want):
+    """Whole batches by default (micro-batches cost AUC on real tissue); PCAMTOOL_MICRO_BATCH=N asks for them."""
+    monkeypatch.setenv("PCAMTOOL_MICRO_BATCH", value)
+    p = Precision.for_device("cpu")
+    assert p.micro_batch == want
+    assert p.reason.endswith(f"; micro-batches of {want} (PCAMTOOL_MICRO_BATCH)" if want else "; channels-last")
+
+
+@pytest.mark.parametrize("value", ["-1", "x", "1.5"])
+def test_bad_micro_batch_setting_is_one_clear_error(monkeypatch, fresh_precision, value):
+    monkeypatch.setenv("PCAMTOOL_MICRO_BATCH", value)
+    with pytest.raises(PcamError, match=r"PCAMTOOL_MICRO_BATCH must be a whole number >= 0"):
+        Precision.for_device("cpu")

@@ -54,18 +54,87 @@ def test_int8_export_checked_and_recorded(run):
         check.auc_delta, abs=1e-6)
     ops = [n.op_type for n in proto.graph.node]
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
-    # the uint8 input and the float preprocessing are untouched: the graph still starts Transpose -> Cast
+    assert quantize.PREPROCESSING_INT8 in meta["int8_scheme"]
+    # the uint8 image itself is the first quantized tensor (scale 1/255, zero point 0): no float preprocessing
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
-    first_q = ops.index("QuantizeLinear")
-    assert {"Cast", "Sub", "Div"} <= set(ops[:first_q])
+    first_conv = ops.index("Conv")
+    assert ops[:2] == ["Transpose", "DequantizeLinear"] and not {"Cast", "Sub", "Mul", "Div"} & set(ops[:first_conv])
+    w = weights_of(proto)
+    transpose = proto.graph.node[0]
+    dq = next(n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == transpose.output[0])
+    assert onnx.numpy_helper.to_array(w[dq.input[1]]) == np.float32(1 / 255)
+    assert onnx.numpy_helper.to_array(w[dq.input[2]]) == 0
+    # the normalization is a 1x1 int8 convolution 3 -> 4 channels, the stem sees a 4th channel of zeros
+    norm = next(n for n in proto.graph.node if n.name == "pcamtool_normalize")
+    assert norm.op_type == "Conv" and norm.input[0] == dq.output[0]
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    stem_w = onnx.numpy_helper.to_array(w[weights_dq_source(proto, convs[1].input[1])])
+    assert convs[0] is norm and stem_w.shape[1] == 4 and not stem_w[:, 3].any() and stem_w[:, :3].any()
     # the head stays float: no probability rounded to 1/255 steps
     assert ops[-1] == "Sigmoid"
-    # so does the stem convolution on the 3 colour channels: its weights are a float initializer
-    (stem,) = quantize.thin_convs(fp32)
-    node = next(n for n in proto.graph.node if n.name == stem)
-    weights = {t.name: t for t in proto.graph.initializer}
-    assert node.op_type == "Conv" and weights[node.input[1]].data_type == onnx.TensorProto.FLOAT
     assert float(meta["int8_mean_abs_diff"]) <= quantize.MEAN_TOLERANCE
+
+
+def weights_of(proto) -> dict:
+    return {t.name: t for t in proto.graph.initializer}
+
+
+def weights_dq_source(proto, name: str) -> str:
+    """The initializer behind a convolution's weight input (its DequantizeLinear's quantized tensor)."""
+    node = next((n for n in proto.graph.node if name in n.output), None)
+    return node.input[0] if node is not None and node.op_type == "DequantizeLinear" else name
+
+
+def test_int8_rewrites_compute_the_same_floats(run, tmp_path):
+    """Normalization as a 1x1 convolution (3 -> 4 channels) and tiled constants: the float graph's outputs stay."""
+    from pcamtool.int8_rewrite import normalization_as_conv, tile_channel_constants
+    from pcamtool.onnx_io import open_session
+
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    root, run_dir, store, fp32 = run
+    pre = tmp_path / "pre.onnx"
+    quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=False)   # as quantize_graph does first
+    proto = onnx.load(str(pre))
+    x01 = normalization_as_conv(proto)
+    assert x01 is not None and normalization_as_conv(proto) is None      # once: the stem now has 4 channels
+    assert tile_channel_constants(proto) >= 1                            # /255 became * (1/255)
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops[:ops.index("Conv")] == ["Transpose", "Cast", "Mul"]
+    rewritten = tmp_path / "rewritten.onnx"
+    onnx.save(proto, str(rewritten))
+    x = open_store(store).gather(np.arange(32))
+    a = open_session(fp32, "cpu", batch_size=32, tta=1).run(x)
+    b = open_session(rewritten, "cpu", batch_size=32, tta=1).run(x)
+    assert np.abs(a - b).max() < 1e-5
+
+
+def test_uint8_input_fed_directly_is_exact(run, tmp_path, monkeypatch):
+    """Dropping Cast -> /255 -> QuantizeLinear(1/255, 0) changes no output bit of the int8 graph."""
+    root, run_dir, store, fp32 = run
+    st = open_store(store)
+    direct, kept = tmp_path / "direct.onnx", tmp_path / "kept.onnx"
+    assert quantize.quantize_graph(fp32, direct, st, np.arange(64)) == quantize.PREPROCESSING_INT8
+    monkeypatch.setattr(quantize, "feed_uint8_input", lambda proto, x01: False)
+    quantize.quantize_graph(fp32, kept, st, np.arange(64))
+    # a graph the rewrite does not recognise keeps float preprocessing, and says so
+    monkeypatch.setattr(quantize, "normalization_as_conv", lambda proto: None)
+    plain = tmp_path / "plain.onnx"
+    assert quantize.quantize_graph(fp32, plain, st, np.arange(64)) == quantize.PREPROCESSING_FLOAT
+    assert "Sub" in [n.op_type for n in onnx.load(str(plain)).graph.node]
+    ops = {p: [n.op_type for n in onnx.load(str(p)).graph.node] for p in (direct, kept)}
+    graph = onnx.load(str(direct)).graph
+    read = {name for n in graph.node for name in n.input}
+    assert all(t.name in read for t in graph.initializer)   # onnxruntime would warn on stderr about each unused one
+    assert "Cast" not in ops[direct] and "Cast" in ops[kept]
+    from pcamtool.onnx_io import open_session
+
+    # white and black pixels included: the ends of the 1/255 scale
+    x = np.concatenate([st.gather(np.arange(30)), np.zeros((1, 96, 96, 3), np.uint8),
+                        np.full((1, 96, 96, 3), 255, np.uint8)])
+    a = open_session(direct, "cpu", batch_size=32, tta=1).run(x)
+    b = open_session(kept, "cpu", batch_size=32, tta=1).run(x)
+    assert np.array_equal(a, b)
 
 
 def test_infer_runs_int8_unchanged(run):

@@ -36,7 +36,8 @@ def store(tmp_path_factory) -> Path:
 @pytest.fixture
 def fp16_on_cpu(monkeypatch):
     """The precision a T4 gets (fp16 autocast + GradScaler), on the CPU, where torch supports both."""
-    fp16 = Precision("cpu", torch.float16, False, "fp16 + GradScaler: forced by the test")
+    # micro-batches of 8 (batch 16): the scaled gradients of two slices add up before the one step
+    fp16 = Precision("cpu", torch.float16, False, "fp16 + GradScaler: forced by the test", micro_batch=8)
     monkeypatch.setattr(device_mod, "_precision", lambda *a: fp16)
     monkeypatch.setattr(Precision, "grad_scaler",
                         lambda self: torch.amp.GradScaler("cpu", init_scale=INIT_SCALE, enabled=self.needs_scaler))

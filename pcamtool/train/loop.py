@@ -20,7 +20,7 @@ import math
 import os
 import time
 import warnings
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
@@ -86,6 +86,7 @@ class Trainer:
     label_smoothing: float
     autocast: AbstractContextManager      # entered every step, built once
     memory_format: torch.memory_format
+    micro_batch: int = 0                  # images per forward/backward; 0: the whole batch (device.py)
 
 
 @dataclass(frozen=True)
@@ -110,21 +111,43 @@ def create_trainer(cfg: TrainConfig, net: Classifier, device: torch.device, prec
                    scaler=LossScaler(precision, device), ema=EMA(net, cfg.ema),
                    gen=torch.Generator(device=device).manual_seed(cfg.seed + 1000 * rank),
                    augment=cfg.augment, label_smoothing=cfg.label_smoothing, autocast=precision.autocast(),
-                   memory_format=precision.memory_format)
+                   memory_format=precision.memory_format, micro_batch=precision.micro_batch)
 
 
 def train_step(t: Trainer, b: Batch) -> torch.Tensor:
-    """One optimizer step on batch ``b``; returns the batch's loss, still on the device (nothing is read)."""
+    """One optimizer step on batch ``b``; returns the batch's loss, still on the device (nothing is read).
+
+    With ``t.micro_batch`` set (``PCAMTOOL_MICRO_BATCH``, off by default) the
+    batch runs forward and backward in slices of that many images whose
+    gradients add up (each slice's loss is summed and divided by the whole
+    batch's size, so the gradient is the batch mean's), then one optimizer
+    step: faster on a CPU, the same step but for batch norm's statistics,
+    which each slice computes for itself (:mod:`pcamtool.device`). Under DDP
+    only the last slice all-reduces.
+    """
     x01 = augment_batch(to_float01(b.x), t.augment, t.gen).contiguous(memory_format=t.memory_format)
     y = b.y * (1 - t.label_smoothing) + 0.5 * t.label_smoothing
-    with t.autocast:
-        logits = t.module(x01)
-    loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+    n = len(y)
+    step = t.micro_batch if 0 < t.micro_batch < n else n
     t.opt.zero_grad(set_to_none=True)
-    t.scaler.backward_step(loss, t.opt)
+    loss_sum = torch.zeros((), device=y.device)
+    for s in range(0, n, step):
+        with nullcontext() if s + step >= n else _no_sync(t.module):
+            with t.autocast:
+                logits = t.module(x01[s:s + step])
+            loss = F.binary_cross_entropy_with_logits(logits.float(), y[s:s + step], reduction="sum") / n
+            t.scaler.backward(loss)
+        loss_sum += loss.detach()
+    t.scaler.step(t.opt)
     t.sched.step()
     t.ema.update()
-    return loss.detach()
+    return loss_sum
+
+
+def _no_sync(module: torch.nn.Module) -> AbstractContextManager:
+    """DDP's ``no_sync()`` (gradients kept local until the last slice); a no-op for a plain module."""
+    no_sync = getattr(module, "no_sync", None)
+    return no_sync() if no_sync is not None else nullcontext()
 
 
 def train_one_epoch(t: Trainer, loader: BatchLoader, bar: Any = None) -> EpochStats:

@@ -99,9 +99,12 @@ class LossScaler:
         self.skipped = torch.zeros((), dtype=torch.int64, device=device)
         self._update = self._update_counting if self.scaler.is_enabled() else self.scaler.update
 
-    def backward_step(self, loss: torch.Tensor, opt: torch.optim.Optimizer) -> None:
-        """Backward pass, optimizer step (unless the gradients overflowed) and scale update."""
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward pass of the (scaled) loss; gradients add up until :meth:`step`."""
         self.scaler.scale(loss).backward()
+
+    def step(self, opt: torch.optim.Optimizer) -> None:
+        """Optimizer step (unless the gradients overflowed) and scale update."""
         self.scaler.step(opt)
         self._update()
 
