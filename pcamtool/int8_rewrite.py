@@ -19,6 +19,9 @@ plain4 (256 images, 2-core AVX-512 VNNI EPYC; benchmarks/RESULTS.md):
   again with scale 1/255 gives back the uint8 image
   (:func:`feed_uint8_input`).
 
+:func:`tile_channel_constants` is for graphs :func:`normalization_as_conv`
+does not recognise, whose preprocessing stays float.
+
 Example::
 
     x01 = normalization_as_conv(proto)        # before quantize_static
@@ -44,6 +47,16 @@ def _graph_maps(proto: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, l
         for name in n.input:
             consumers.setdefault(name, []).append(n)
     return inits, producer, consumers
+
+
+def _value_types(proto: Any) -> dict[str, tuple[int, list[Optional[int]]]]:
+    """(element type, shape with None for unknown dims) of every tensor shape inference can type."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    return {v.name: (v.type.tensor_type.elem_type,
+                     [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim])
+            for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
 
 
 def _const(inits: dict[str, Any], name: str) -> Optional[np.ndarray]:
@@ -129,12 +142,9 @@ def tile_channel_constants(proto: Any) -> int:
     (cheaper; the rounding it changes is far below an int8 step). Returns
     the number of nodes changed.
     """
-    import onnx
     from onnx import numpy_helper
 
-    inferred = onnx.shape_inference.infer_shapes(proto)
-    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-              for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
+    types = _value_types(proto)
     inits, _, consumers = _graph_maps(proto)
     changed = 0
     for n in proto.graph.node:
@@ -144,10 +154,14 @@ def tile_channel_constants(proto: Any) -> int:
         value = _const(inits, const)
         if value is None or len(consumers.get(const, [])) != 1:
             continue
-        shape = shapes.get(data) or []
-        if n.op_type == "Div" and value.dtype == np.float32 and np.all(value != 0):
+        shape = types.get(data, (0, []))[1]
+        reciprocal = n.op_type == "Div" and value.dtype == np.float32 and bool(np.all(value != 0))
+        tile = value.shape == (1, 3, 1, 1) and len(shape) == 4 and shape[1] == 3 and bool(shape[2] and shape[3])
+        if not (reciprocal or tile):
+            continue
+        if reciprocal:
             n.op_type, value = "Mul", (1.0 / value).astype(np.float32)
-        if value.shape == (1, 3, 1, 1) and len(shape) == 4 and shape[1] == 3 and shape[2] and shape[3]:
+        if tile:
             value = np.ascontiguousarray(np.broadcast_to(value, (1, 3, shape[2], shape[3])))
         inits[const].CopyFrom(numpy_helper.from_array(value, const))
         changed += 1
@@ -163,37 +177,28 @@ def feed_uint8_input(proto: Any, x01: str) -> bool:
     three nodes are replaced by the uint8 tensor they started from. Returns
     whether the pattern was found; the graph is unchanged otherwise.
     """
-    inits, producer, consumers = _graph_maps(proto)
-    quant = [n for n in consumers.get(x01, []) if n.op_type == "QuantizeLinear"]
-    scale_node = producer.get(x01)
-    cast = producer.get(scale_node.input[0]) if scale_node is not None else None
-    if len(quant) != 1 or len(consumers[x01]) != 1 or cast is None or cast.op_type != "Cast":
-        return False
-    q = quant[0]
-    scale, zero = _const(inits, q.input[1]), _const(inits, q.input[2]) if len(q.input) > 2 else None
-    factor = _const(inits, scale_node.input[1])
-    if scale is None or zero is None or factor is None or factor.size != 1 or zero.dtype != np.uint8:
-        return False
-    divides = (scale_node.op_type == "Div" and float(factor) == 255.0) or (
-        scale_node.op_type == "Mul" and np.float32(factor) == INPUT_SCALE)
-    source = cast.input[0]
-    source_type = next((v.type.tensor_type.elem_type for v in list(proto.graph.input) + list(proto.graph.value_info)
-                        if v.name == source), None)
     import onnx
 
-    producer_of_source = producer.get(source)
-    is_uint8 = source_type == onnx.TensorProto.UINT8 or (
-        producer_of_source is not None and producer_of_source.op_type == "Transpose"
-        and any(i.name == producer_of_source.input[0] and i.type.tensor_type.elem_type == onnx.TensorProto.UINT8
-                for i in proto.graph.input))
-    if not (divides and np.float32(scale) == INPUT_SCALE and int(zero) == 0 and is_uint8
-            and len(consumers.get(cast.output[0], [])) == 1 and len(consumers.get(source, [])) == 1):
+    inits, producer, consumers = _graph_maps(proto)
+    div = producer.get(x01)
+    cast = producer.get(div.input[0]) if div is not None else None
+    users = consumers.get(x01, [])
+    if div is None or cast is None or div.op_type != "Div" or cast.op_type != "Cast" or len(users) != 1 \
+            or users[0].op_type != "QuantizeLinear" or len(users[0].input) != 3:
+        return False
+    q = users[0]
+    scale, zero, factor = (_const(inits, name) for name in (q.input[1], q.input[2], div.input[1]))
+    source = cast.input[0]
+    if scale is None or zero is None or factor is None or factor.size != 1 or float(factor) != 255.0 \
+            or np.float32(scale) != INPUT_SCALE or zero.dtype != np.uint8 or int(zero) != 0 \
+            or _value_types(proto).get(source, (0, []))[0] != onnx.TensorProto.UINT8 \
+            or len(consumers.get(cast.output[0], [])) != 1 or len(consumers.get(source, [])) != 1:
         return False
     for n in consumers.get(q.output[0], []):
         for i, name in enumerate(n.input):
             if name == q.output[0]:
                 n.input[i] = source
-    for n in (q, scale_node, cast):
+    for n in (q, div, cast):
         proto.graph.node.remove(n)
     _drop_unused_initializers(proto)
     return True

@@ -40,7 +40,7 @@ from .onnx_io import INPUT
 
 log = logging.getLogger("pcamtool")
 
-QUANT_OPS = ("Conv", "Relu", "MaxPool", "Add", "Pad")   # the body; Cast/Div/Sub, ReduceMean, Gemm, Sigmoid stay float
+QUANT_OPS = ("Conv", "Relu", "MaxPool", "Add")   # the body; Cast/Div/Sub, ReduceMean, Gemm, Sigmoid stay float
 CALIBRATION_IMAGES = 2048     # training rows whose activation ranges set the scales
 CHECK_ROWS = 8192             # at most this many validation rows judge the int8 graph
 AUC_TOLERANCE = 0.002         # |AUC int8 - AUC fp32| allowed on those rows (or one swapped pair, if more)
@@ -183,7 +183,8 @@ def quantize_graph(fp32_path: Path, out_path: Path, store: Any, rows: np.ndarray
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=False)
         proto = onnx.load(str(pre))
         x01 = normalization_as_conv(proto)
-        tile_channel_constants(proto)
+        if x01 is None:   # the float preprocessing stays: make its broadcasts cheap in the int8 layout
+            tile_channel_constants(proto)
         onnx.save(proto, str(pre))
         # the image in [0, 1] quantizes exactly at scale 1/255 (calibration might see no white pixel)
         pinned = {x01: [{"scale": np.array(INPUT_SCALE), "zero_point": np.array(0, np.uint8)}]} if x01 else {}

@@ -130,14 +130,13 @@ def train_step(t: Trainer, b: Batch) -> torch.Tensor:
     n = len(y)
     step = t.micro_batch if 0 < t.micro_batch < n else n
     t.opt.zero_grad(set_to_none=True)
-    loss_sum = torch.zeros((), device=y.device)
     for s in range(0, n, step):
         with nullcontext() if s + step >= n else _no_sync(t.module):
             with t.autocast:
                 logits = t.module(x01[s:s + step])
             loss = F.binary_cross_entropy_with_logits(logits.float(), y[s:s + step], reduction="sum") / n
             t.scaler.backward(loss)
-        loss_sum += loss.detach()
+        loss_sum = loss.detach() if s == 0 else loss_sum + loss.detach()
     t.scaler.step(t.opt)
     t.sched.step()
     t.ema.update()
