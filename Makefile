@@ -5,13 +5,18 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# Every version fixed by the lock (a pip constraints file): our venv and CI are
+# reproducible while pyproject.toml keeps the ranges users install with.
+LOCK   := requirements.lock
+EXTRAS ?= test,timm,slides,tensorboard,mutate
+WHEELHOUSE ?= wheelhouse
 
-.PHONY: demo test bench fuzz gpu-check install clean
+.PHONY: demo test bench fuzz gpu-check install wheelhouse clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -c $(LOCK) -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -42,5 +47,11 @@ gpu-check:
 	  PYTHONPATH="$(CURDIR):$$PYTHONPATH" python3 benchmarks/gpu_check.py; \
 	else $(MAKE) install && $(BIN)/python benchmarks/gpu_check.py; fi
 
+# Wheels of pcamtool and every non-torch dependency, for an internet-off
+# notebook (attach the folder as a Kaggle data set; docs/install.md).
+# WHEEL_PY=3.12 makes them for another CPython (Colab).
+wheelhouse: $(STAMP)
+	$(BIN)/python .ci/wheelhouse.py --out $(WHEELHOUSE) -c $(LOCK) $(if $(WHEEL_PY),--python-version $(WHEEL_PY))
+
 clean:
-	rm -rf $(VENV) demo
+	rm -rf $(VENV) demo $(WHEELHOUSE)

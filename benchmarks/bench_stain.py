@@ -17,7 +17,9 @@ from pcamtool.stain import fit_reference, normalize
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from oracles import macenko_numpy, reinhard_numpy  # noqa: E402
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "pcam-real" / "train"
+from helpers import REAL as _REAL_SAMPLE  # noqa: E402  (honours PCAMTOOL_REAL_DIR)
+
+REAL = _REAL_SAMPLE / "train"
 N = 256
 RATES: dict[str, float] = {}
 

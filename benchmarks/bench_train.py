@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from pcamtool.augment import augment_batch
 from pcamtool.config import AugmentConfig, TrainConfig
 from pcamtool.contract import Classifier, to_float01
-from pcamtool.device import Precision, cpu_has_native_bf16
+from pcamtool.device import Precision, cpu_bf16_feature
 from pcamtool.io.store import open_store
 from pcamtool.models import DEFAULT_MODEL, create_model
 from pcamtool.train.data import BatchLoader, RowSource
@@ -109,7 +109,7 @@ def test_cpu_step_precision(benchmark, record, precision):
     bf16 is what training uses on a CPU with native bf16; elsewhere it would
     be emulated, and the CPU trains in fp32.
     """
-    if precision == "bf16" and not cpu_has_native_bf16():
+    if precision == "bf16" and cpu_bf16_feature() is None:
         pytest.skip("this CPU has no native bf16 (AVX-512 BF16 or AMX): training runs in fp32")
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
     benchmark.pedantic(_step(torch.device("cpu"), DEFAULT_MODEL, ctx), rounds=5, warmup_rounds=2)

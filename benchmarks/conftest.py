@@ -9,9 +9,13 @@ Run with::
     .venv/bin/pytest benchmarks -q            # or: make bench
     .venv/bin/pytest benchmarks/bench_pack.py -q
 
-Each benchmark stores its throughput in ``benchmark.extra_info`` and in a
-run-wide table (the ``record`` fixture); at the end of the session the table and the
-ratios against the targets are printed under "pcamtool benchmark ratios".
+The machine (CPU model, features, torch's kernel ISA, training precision)
+is printed first at any verbosity, and every benchmark gets a line of its own
+with its figures as it ends (-q and the default verbosity are raised to -v
+here; -qq keeps the dots). Each benchmark stores its throughput in
+``benchmark.extra_info`` and in a run-wide table (the ``record`` fixture); at
+the end of the session the table and the ratios against the targets are
+printed under "pcamtool benchmark ratios".
 """
 from __future__ import annotations
 
@@ -25,8 +29,10 @@ import numpy as np
 import pytest
 import tifffile
 
-# The real Kaggle sample sits beside the repository, not inside it.
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "pcam-real"
+# The real Kaggle sample: PCAMTOOL_REAL_DIR, else ../shared/pcam-real beside
+# the repository (the same rule as tests/helpers.py).
+REAL = Path(os.environ.get("PCAMTOOL_REAL_DIR")
+            or Path(__file__).resolve().parents[1].parent / "shared" / "pcam-real").expanduser()
 
 N_GENERATED = 3000    # tifs timed by bench_pack
 N_STORE = 6000        # rows of the store timed by bench_store
@@ -64,8 +70,22 @@ def machine_line() -> str:
             f"training precision on this CPU: {precision.reason or precision.name}")
 
 
-def pytest_report_header(config: pytest.Config) -> str:
-    return machine_line()
+def pytest_configure(config: pytest.Config) -> None:
+    # Benchmarks run for minutes: a row of dots says nothing. At the default
+    # verbosity and at -q (what `make bench` passes) every benchmark gets its
+    # own line with its figures; -qq still silences them.
+    if config.option.verbose in (-1, 0):
+        config.option.verbose = 1
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # The machine heads every set of figures, before pytest's own header and
+    # at any verbosity (pytest_report_header is hidden by -q). The terminal
+    # reporter's own session start runs last, so these are the first lines.
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        for line in machine_line().splitlines():
+            reporter.write_line(line)
 
 
 # --------------------------------------------------------------------------
@@ -140,7 +160,7 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
 
 @pytest.fixture(scope="session")
 def real() -> Dataset:
-    """The real Kaggle sample ``../shared/pcam-real/train`` (read in place, never written)."""
+    """The real Kaggle sample ``$PCAMTOOL_REAL_DIR/train`` (default ``../shared/pcam-real``; read in place, never written)."""
     folder = REAL / "train"
     if not folder.is_dir():
         pytest.skip(f"real sample {folder} not present")
@@ -180,9 +200,42 @@ def packed_store(tmp_path_factory: pytest.TempPathFactory, warm_numba: None) -> 
 
 
 # --------------------------------------------------------------------------
-# Results: one table per run, printed with the ratios at the end.
+# Results: one line per benchmark as it ends, and one table per run, printed
+# with the ratios at the end.
 
 _RATES = pytest.StashKey[dict]()
+_NODE_RATES = pytest.StashKey[list]()   # "method rate unit" of one benchmark, for its line
+
+
+def _summary(item: pytest.Item) -> str:
+    """What one benchmark measured: its recorded rates, else pytest-benchmark's best round."""
+    rates = item.stash.get(_NODE_RATES, [])
+    if rates:
+        return "; ".join(rates)
+    bench = getattr(item, "funcargs", {}).get("benchmark")
+    parts = []
+    stats = getattr(getattr(bench, "stats", None), "stats", None)
+    if stats is not None and getattr(stats, "rounds", 0):
+        parts.append(f"best round {stats.min * 1e3:,.1f} ms")
+    for key, value in (getattr(bench, "extra_info", None) or {}).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            parts.append(f"{key} {_fmt(value)}")
+    return "; ".join(parts)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    if call.when == "call" and report.passed:
+        report.bench_summary = _summary(item)  # type: ignore[attr-defined]
+    return report
+
+
+def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config):
+    if report.when == "call" and report.passed and hasattr(report, "bench_summary"):
+        figures = f": {report.bench_summary}" if report.bench_summary else ""
+        return "passed", ".", f"PASSED in {report.duration:.1f} s{figures}"
+    return None
 
 
 class Recorder:
@@ -193,8 +246,9 @@ class Recorder:
     clash with ``tests/conftest.py`` when both folders run in one session.)
     """
 
-    def __init__(self, table: dict) -> None:
+    def __init__(self, table: dict, lines: Optional[list] = None) -> None:
         self.table = table
+        self.lines = lines if lines is not None else []
 
     def __call__(self, benchmark, area: str, case: str, method: str,
                  amount: float, unit: str = "images/s") -> float:
@@ -215,19 +269,20 @@ class Recorder:
              unit: str = "images/s") -> float:
         """Store rates timed without pytest-benchmark (e.g. variants timed in turns); returns ``best``."""
         self.table.setdefault((area, case), {})[method] = (best, median, unit)
+        self.lines.append(f"{case} {method} {_fmt(best)} {unit}")
         return best
 
 
 @pytest.fixture
 def record(request: pytest.FixtureRequest) -> Recorder:
     """``record(benchmark, area, case, method, amount, unit)`` after a benchmark ran."""
-    return Recorder(request.config.stash.setdefault(_RATES, {}))
+    return Recorder(request.config.stash.setdefault(_RATES, {}), request.node.stash.setdefault(_NODE_RATES, []))
 
 
 @pytest.fixture
 def record_rate(request: pytest.FixtureRequest) -> Callable[..., float]:
     """``record_rate(area, case, method, best, median, unit)``: a rate timed by the benchmark itself."""
-    return Recorder(request.config.stash.setdefault(_RATES, {})).rate
+    return Recorder(request.config.stash.setdefault(_RATES, {}), request.node.stash.setdefault(_NODE_RATES, [])).rate
 
 
 def _fmt(x: float) -> str:

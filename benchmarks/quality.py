@@ -3,7 +3,7 @@
 Not a pytest benchmark (it trains for minutes): a script whose table goes
 into ``benchmarks/RESULTS.md``. Two data sets:
 
-* ``--data real``: the real Kaggle sample ``../shared/pcam-real`` split 80/20
+* ``--data real``: the real Kaggle sample ``../shared/pcam-real`` (or ``$PCAMTOOL_REAL_DIR``) split 80/20
   (stratified, seed 0); validation is the held-back 20%, and "shift" the same
   20% re-stained as if scanned at another centre (:func:`restain_folder`).
 * ``--data synth``: ``pcamtool synth`` data; validation is a 20% split of the
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -32,7 +33,9 @@ from pcamtool.infer import predict
 from pcamtool.train.split import make_split
 from pcamtool.train.loop import fit
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "pcam-real"
+# PCAMTOOL_REAL_DIR points elsewhere (the same rule as tests/helpers.py).
+REAL = Path(os.environ.get("PCAMTOOL_REAL_DIR")
+            or Path(__file__).resolve().parents[1].parent / "shared" / "pcam-real").expanduser()
 
 
 def split_folder(src: Path, labels: dict[str, int], out: Path, seed: int = 0) -> tuple[Path, Path]:

@@ -160,7 +160,8 @@ def option_flags(overrides: dict[str, Any]) -> list[str]:
 
 # Options of `pcamtool train` that are not TrainConfig fields by the same name.
 _RENAMED = {"compile_": "compile", "export_": "export"}
-_PATHS = ("store", "out", "val_store", "groups", "init_weights", "pretrained")
+# Fields holding file or folder paths (compared as resolved paths, converted from Path objects).
+PATH_FIELDS = ("store", "out", "val_store", "groups", "init_weights", "pretrained")
 _COLOR = ("brightness", "contrast", "saturation", "hue")
 # Options that choose the validation split; --val-store replaces the split.
 _SPLIT = ("val_frac", "folds", "fold", "groups")
@@ -236,6 +237,8 @@ class TrainConfig:
              f"--threads must be between 1 and {max_threads()} ({THREADS_PER_CORE} per core this process "
              f"may use), got {self.threads}"),
             (self.max_train is None or self.max_train >= 1, f"--max-train must be at least 1, got {self.max_train}"),
+            (self.groups is None or not os.path.isdir(self.groups),
+             f"--groups {self.groups}: is a folder, expected an id,group CSV file"),
             (self.groups is None or os.path.isfile(self.groups), f"--groups {self.groups}: file not found"),
             (self.freeze_epochs is None or self.freeze_epochs >= 0,
              f"--freeze-epochs must be >= 0, got {self.freeze_epochs}"),
@@ -342,7 +345,7 @@ class TrainConfig:
                 raise PcamError(f"--color-strength must be >= 0 and below {limit:g}, got {strength}")
             aug = {k: v * strength for k, v in base.items()}
         aug.update({k: given.pop(k) for k in list(given) if k in aug_names})
-        for key in _PATHS:
+        for key in PATH_FIELDS:
             if key in given:
                 given[key] = os.fspath(given[key])
         overrides = dict(given)

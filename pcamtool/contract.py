@@ -19,13 +19,17 @@ Example::
 """
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .constants import PATCH_SHAPE
 from .errors import PcamError
+
+_HWC = ", ".join(map(str, PATCH_SHAPE))
 
 
 def to_float01(x: Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
@@ -42,9 +46,9 @@ def to_float01(x: Tensor, memory_format: torch.memory_format = torch.contiguous_
         ``x`` is not a 4-d uint8 tensor with 3 channels last.
     """
     if x.dtype != torch.uint8 or x.dim() != 4:
-        raise PcamError(f"expected uint8 images (B, 96, 96, 3), got {x.dtype} with shape {tuple(x.shape)}")
+        raise PcamError(f"expected uint8 images (B, {_HWC}), got {x.dtype} with shape {tuple(x.shape)}")
     if not torch.jit.is_tracing() and x.shape[-1] != 3:
-        raise PcamError(f"expected 3 channels last (B, 96, 96, 3), got shape {tuple(x.shape)}")
+        raise PcamError(f"expected 3 channels last (B, {_HWC}), got shape {tuple(x.shape)}")
     # Division (not multiplication by 1/255) is correctly rounded, and ONNX's
     # Div gives the same bits: the parity check of the export relies on it.
     return x.permute(0, 3, 1, 2).to(torch.float32, memory_format=memory_format).div_(255.0)
@@ -106,11 +110,18 @@ class Classifier(nn.Module):
 
 
 class ProbabilityModel(torch.nn.Module):
-    """uint8 NHWC images -> probability of tumour, in ``dtype`` inside."""
+    """uint8 NHWC images -> probability of tumour, in ``dtype`` inside.
+
+    ``net`` itself is left as it is: for another ``dtype`` the head computes
+    with a converted copy (``Module.to`` converts in place, and the caller's
+    fp32 network is still the reference an fp16 export is checked against).
+    """
 
     def __init__(self, net: torch.nn.Module, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.net = net.to(dtype)
+        first = next(iter(net.parameters()), None)
+        same = first is None or first.dtype == dtype
+        self.net = net if same else copy.deepcopy(net).to(dtype)
         self.dtype = dtype
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from .config import TrainConfig
+from .constants import DEFAULT_TTA
 
 log = logging.getLogger("pcamtool")
 
@@ -40,6 +41,7 @@ class DemoResult:
     submission: Path
     seconds: float
     stage_seconds: dict[str, float] = field(default_factory=dict)   # stage name -> wall seconds, in order
+    tta: int = DEFAULT_TTA                                          # transforms averaged on the test split
 
 
 @contextmanager
@@ -57,7 +59,7 @@ def format_stage_times(times: dict[str, float]) -> str:
 
 
 def run_demo(folder: str | Path = "demo", n_train: Optional[int] = None, n_test: Optional[int] = None,
-             seed: int = 0, tta: int = 8, train: Optional[TrainConfig] = None, epochs: Optional[int] = None,
+             seed: int = 0, tta: int = DEFAULT_TTA, train: Optional[TrainConfig] = None, epochs: Optional[int] = None,
              arch: Optional[str] = None, force: bool = False, progress: bool = True) -> DemoResult:
     """Run every stage on synthetic data in ``folder`` and return the AUCs and each stage's time.
 
@@ -107,4 +109,4 @@ def run_demo(folder: str | Path = "demo", n_train: Optional[int] = None, n_test:
         log.info("[6/6] evaluating against the answer key")
         report = evaluate_submission(sub, root / "test_labels.csv", roc_png=root / "roc.png", force=True)
     log.info("demo stage times:\n%s", format_stage_times(times))
-    return DemoResult(root, res.run_dir, res.best_auc, report.auc, sub, time.perf_counter() - t0, times)
+    return DemoResult(root, res.run_dir, res.best_auc, report.auc, sub, time.perf_counter() - t0, times, tta)

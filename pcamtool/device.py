@@ -67,6 +67,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .envflags import env_flag
 from .errors import PcamError
 
 log = logging.getLogger("pcamtool")
@@ -168,8 +169,8 @@ class Precision:
     def for_device(cls, device: torch.device | str) -> "Precision":
         device = torch.device(device)
         index = (device.index or 0) if device.type == "cuda" else None
-        return _precision(device.type, index, os.environ.get("PCAMTOOL_AMP", "1") != "0",
-                          os.environ.get("PCAMTOOL_CHANNELS_LAST", "1") != "0", cpu_micro_batch())
+        return _precision(device.type, index, env_flag("PCAMTOOL_AMP"), env_flag("PCAMTOOL_CHANNELS_LAST"),
+                          cpu_micro_batch())
 
     @property
     def name(self) -> str:
@@ -253,18 +254,3 @@ def cpu_bf16_feature() -> Optional[str]:
         except Exception:
             continue
     return None
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 in hardware (AVX-512 BF16 or AMX tiles)."""
-    return cpu_bf16_feature() is not None
-
-
-def autocast_context(device: torch.device | str) -> AbstractContextManager:
-    """Mixed-precision context for ``device`` (``nullcontext()`` where it runs in fp32)."""
-    return Precision.for_device(device).autocast()
-
-
-def use_channels_last(device: torch.device | str) -> bool:
-    """Whether models and batches on ``device`` should use ``torch.channels_last``."""
-    return Precision.for_device(device).channels_last

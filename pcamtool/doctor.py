@@ -5,18 +5,30 @@ CPU's features and bf16 support, each onnxruntime provider with "loads" or
 why not, numba (kernels compiled or not, threading layer), h5py/HDF5, threads and free memory. Every
 probe is guarded: a library that fails to import is reported, not raised.
 
+Then the environment failures notebook users actually hit, one line each
+with its fix (:func:`environment_problems`): a torch built for a newer CUDA
+than the NVIDIA driver runs, an onnxruntime-gpu built for another CUDA major
+than torch, plain ``onnxruntime`` beside ``onnxruntime-gpu``.
+
 Example::
 
     pcamtool doctor --json | jq .onnxruntime.providers
 """
 from __future__ import annotations
 
+import ctypes
+import importlib.metadata
 import platform
-from typing import Any, Callable
+import re
+import shutil
+import subprocess
+from typing import Any, Callable, Optional
 
 from . import __version__
 from .system import available_ram, cpu_threads
 
+# CUDA versions PyTorch publishes wheels for (download.pytorch.org/whl/cuXYZ), oldest first
+TORCH_CUDA_BUILDS = ("11.8", "12.1", "12.4", "12.6", "12.8", "12.9", "13.0")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
 
 
@@ -111,9 +123,105 @@ def h5py_info() -> dict[str, Any]:
     return {"version": h5py.version.version, "hdf5": h5py.version.hdf5_version}
 
 
+def driver_cuda_version() -> Optional[str]:
+    """The newest CUDA the installed NVIDIA driver runs (``"12.4"``), or None without a driver.
+
+    Asked from the driver itself (``cuDriverGetVersion`` in libcuda), else
+    from ``nvidia-smi``'s header; torch cannot tell, since a torch built for
+    a newer CUDA simply finds no GPU.
+    """
+    for lib in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            cuda = ctypes.CDLL(lib)
+        except OSError:
+            continue
+        version = ctypes.c_int(0)
+        if cuda.cuDriverGetVersion(ctypes.byref(version)) == 0 and version.value > 0:
+            return f"{version.value // 1000}.{version.value % 1000 // 10}"
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run([smi], capture_output=True, text=True, timeout=20).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+        m = re.search(r"CUDA Version:\s*(\d+\.\d+)", out)
+        return m.group(1) if m else None
+    return None
+
+
+def installed_distributions() -> set[str]:
+    """Names of the installed Python distributions, normalized (``onnxruntime-gpu``)."""
+    return {re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower()
+            for d in importlib.metadata.distributions() if d.metadata["Name"]}
+
+
+def onnxruntime_cuda_build() -> Optional[str]:
+    """The CUDA version onnxruntime-gpu was built for (``"12.2"``), or None (CPU-only or unknown)."""
+    from onnxruntime.capi import build_and_package_info as info
+
+    return getattr(info, "cuda_version", None) or None
+
+
+def _major(version: Optional[str]) -> Optional[int]:
+    m = re.match(r"(\d+)", version or "")
+    return int(m.group(1)) if m else None
+
+
+def _version(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", v)[:2])
+
+
+def environment_problems(torch_cuda: Optional[str], driver_cuda: Optional[str], ort_cuda: Optional[str],
+                         distributions: set[str]) -> list[str]:
+    """One line per environment failure, each with its fix.
+
+    Parameters
+    ----------
+    torch_cuda
+        ``torch.version.cuda`` (None: a CPU-only torch).
+    driver_cuda
+        :func:`driver_cuda_version` (None: no NVIDIA driver).
+    ort_cuda
+        :func:`onnxruntime_cuda_build` (None: unknown or CPU-only).
+    distributions
+        :func:`installed_distributions`.
+    """
+    out = []
+    if torch_cuda and driver_cuda and _version(torch_cuda) > _version(driver_cuda):
+        if _major(torch_cuda) != _major(driver_cuda):
+            fit = [c for c in TORCH_CUDA_BUILDS if _version(c) <= _version(driver_cuda)]
+            how = (f"pip install torch --index-url https://download.pytorch.org/whl/cu{fit[-1].replace('.', '')}"
+                   f" (with the torchvision of the same index), or update the driver" if fit
+                   else "update the NVIDIA driver")
+            out.append(f"torch is built for CUDA {torch_cuda} but the NVIDIA driver runs CUDA {driver_cuda} at "
+                       f"most, so torch sees no GPU: {how}")
+        else:  # same major: CUDA's minor-version compatibility runs it, but JIT-compiled (PTX) kernels fail
+            out.append(f"torch is built for CUDA {torch_cuda}, newer than the driver's {driver_cuda}: it runs by "
+                       f"CUDA minor-version compatibility, but kernels compiled at load time can fail; "
+                       f"update the NVIDIA driver if CUDA errors appear")
+    if torch_cuda and ort_cuda and _major(torch_cuda) != _major(ort_cuda):
+        out.append(f"onnxruntime-gpu is built for CUDA {ort_cuda} and torch for CUDA {torch_cuda}: their CUDA "
+                   f"libraries collide in one process (infer's CUDA provider fails to load): install the "
+                   f"onnxruntime-gpu built for CUDA {_major(torch_cuda)} (see onnxruntime.ai's install matrix)")
+    if "onnxruntime" in distributions and "onnxruntime-gpu" in distributions:
+        out.append("both onnxruntime and onnxruntime-gpu are installed; they share one import folder, so the "
+                   "last installed wins and the CUDA provider may vanish: pip uninstall -y onnxruntime "
+                   "onnxruntime-gpu && pip install onnxruntime-gpu")
+    return out
+
+
+def _problems(torch_part: Any) -> list[str]:
+    torch_cuda = torch_part.get("cuda_build") if isinstance(torch_part, dict) else None
+    driver = _guard(driver_cuda_version)
+    ort = _guard(onnxruntime_cuda_build)
+    dists = _guard(installed_distributions)
+    return environment_problems(torch_cuda, driver if isinstance(driver, str) else None,
+                                ort if isinstance(ort, str) else None, dists if isinstance(dists, set) else set())
+
+
 def diagnose() -> dict[str, Any]:
     """The whole report as plain JSON-able data (what ``doctor --json`` prints)."""
-    return {
+    report = {
         "pcamtool": __version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -124,6 +232,9 @@ def diagnose() -> dict[str, Any]:
         "numba": _guard(numba_info),
         "h5py": _guard(h5py_info),
     }
+    report["driver_cuda"] = _guard(driver_cuda_version)
+    report["problems"] = _problems(report["torch"])
+    return report
 
 
 def _section(name: str, part: Any, lines: list[str]) -> bool:
@@ -164,4 +275,9 @@ def format_report(r: dict[str, Any]) -> str:
     h = r["h5py"]
     if _section("h5py", h, lines):
         lines.append(f"h5py         {h['version']} (HDF5 {h['hdf5']})")
+    driver = r.get("driver_cuda")
+    if isinstance(driver, str) or driver is None:
+        lines.append(f"nvidia       {'driver runs CUDA ' + driver + ' at most' if driver else 'no NVIDIA driver found'}")
+    for problem in r.get("problems", []):
+        lines.append(f"PROBLEM      {problem}")
     return "\n".join(lines)

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .errors import ExistsError, PcamError, few
-from .io.fsutil import atomic_path
+from .io.fsutil import atomic_paths
 
 log = logging.getLogger("pcamtool")
 
@@ -52,9 +52,8 @@ def find_outliers(images: np.ndarray, chunk: int = 1024) -> tuple[np.ndarray, np
     return white, black
 
 
-def _save(fig, path: Path, force: bool) -> Path:
-    with atomic_path(path, force=force) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")  # the temporary's suffix is not .png: say it
+def _save(fig, path: Path, staged: dict[Path, Path]) -> Path:
+    fig.savefig(staged[path], dpi=110, format="png")  # the temporary's suffix is not .png: say it
     return path
 
 
@@ -86,16 +85,27 @@ def eda(src: str | os.PathLike, out_dir: str | os.PathLike, limit: Optional[int]
 
 def run_eda(images: np.ndarray, labels: Optional[np.ndarray], ids: Sequence[str], out_dir: str | os.PathLike,
             sample_per_class: int = 16, seed: int = 0, title: str = "", force: bool = False) -> EdaReport:
-    """Write the EDA figures for ``images`` into ``out_dir`` (existing ones only with ``force``)."""
+    """Write the EDA figures for ``images`` into ``out_dir`` (existing ones only with ``force``).
+
+    All the outputs appear together at the end or none do (:func:`atomic_paths`):
+    a run killed half-way leaves nothing that refuses the same command again.
+    """
+    out = Path(out_dir)
+    if len(images) == 0:
+        raise PcamError("no images to look at")
+    check_outputs(out, force)
+    with atomic_paths([out / name for name in OUTPUTS], force=force) as staged:
+        return _draw(images, labels, ids, out, staged, sample_per_class, seed, title)
+
+
+def _draw(images: np.ndarray, labels: Optional[np.ndarray], ids: Sequence[str], out: Path,
+          staged: dict[Path, Path], sample_per_class: int, seed: int, title: str) -> EdaReport:
+    """Draw every output of :func:`run_eda` into its temporary ``staged[out / name]``."""
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
-    from .io.csvio import write_table
+    from .io.csvio import format_table
 
-    if len(images) == 0:
-        raise PcamError("no images to look at")
-    out = Path(out_dir)
-    check_outputs(out, force)
     y = np.full(len(images), -1, np.int8) if labels is None else np.asarray(labels, np.int8)
     classes = [c for c in (0, 1, -1) if (y == c).any()]
     counts = {CLASS_NAMES[c]: int((y == c).sum()) for c in classes}
@@ -111,7 +121,7 @@ def run_eda(images: np.ndarray, labels: Optional[np.ndarray], ids: Sequence[str]
     ax.set_ylim(0, max(counts.values()) * 1.2)
     ax.set_title(f"Class balance{' - ' + title if title else ''} (n={len(y):,})")
     fig.tight_layout()
-    figs.append(_save(fig, out / "class_balance.png", force))
+    figs.append(_save(fig, out / "class_balance.png", staged))
 
     cols = 8
     rows_per = -(-sample_per_class // cols)
@@ -129,7 +139,7 @@ def run_eda(images: np.ndarray, labels: Optional[np.ndarray], ids: Sequence[str]
                 ax.set_ylabel(CLASS_NAMES[c], fontsize=8)
     fig.suptitle("Sample patches (the label is about the outlined central 32x32)", fontsize=10)
     fig.tight_layout()
-    figs.append(_save(fig, out / "samples.png", force))
+    figs.append(_save(fig, out / "samples.png", staged))
 
     fig = Figure(figsize=(12, 3.6))
     bins = np.arange(257)
@@ -147,14 +157,18 @@ def run_eda(images: np.ndarray, labels: Optional[np.ndarray], ids: Sequence[str]
             ax.legend(fontsize=8)
     fig.suptitle("Per-channel intensity by class", fontsize=10)
     fig.tight_layout()
-    figs.append(_save(fig, out / "channel_histograms.png", force))
+    figs.append(_save(fig, out / "channel_histograms.png", staged))
 
     white, black = find_outliers(images)
     bad = np.flatnonzero(white | black)
     means = images.reshape(len(images), -1).mean(1)
-    write_table(out / "outliers.csv", ("id", "kind", "mean"),
-                ((ids[i], "white" if white[i] else "black", f"{means[i]:.1f}") for i in bad), force=force)
-    show = bad[:24]
+    staged[out / "outliers.csv"].write_text(format_table(
+        ("id", "kind", "mean"), ((ids[i], "white" if white[i] else "black", f"{means[i]:.1f}") for i in bad)),
+        encoding="utf-8", newline="")
+    # up to 24 tiles shared between the kinds, so a few near-black ones still show beside many white ones
+    w_idx, b_idx = np.flatnonzero(white), np.flatnonzero(black)
+    k_black = min(len(b_idx), max(12, 24 - len(w_idx)))
+    show = np.concatenate([w_idx[:24 - k_black], b_idx[:k_black]])
     fig = Figure(figsize=(cols * 1.3, max(1, -(-len(show) // cols)) * 1.5 + 0.5))
     if len(show):
         for j, i in enumerate(show):
@@ -168,7 +182,7 @@ def run_eda(images: np.ndarray, labels: Optional[np.ndarray], ids: Sequence[str]
     else:
         fig.text(0.5, 0.5, "no near-white or near-black patches", ha="center")
     fig.tight_layout()
-    figs.append(_save(fig, out / "outliers.png", force))
+    figs.append(_save(fig, out / "outliers.png", staged))
     return EdaReport(out, figs, counts, [ids[i] for i in np.flatnonzero(white)], [ids[i] for i in np.flatnonzero(black)])
 
 

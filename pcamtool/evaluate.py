@@ -3,9 +3,9 @@
 :func:`binary_metrics` is the one place loss, AUC and accuracy are computed:
 training validates every epoch through it, and :func:`evaluate_arrays` /
 :func:`evaluate_submission` build their report on it. Beside the AUC the
-report gives the accuracy and confusion matrix at the 0.5 threshold and at
-the threshold that maximizes Youden's J (TPR - FPR), and can draw the ROC
-curve.
+report gives the accuracy, balanced accuracy (as PCam papers report it) and
+confusion matrix at the 0.5 threshold, the accuracy at the threshold that
+maximizes Youden's J (TPR - FPR), and can draw the ROC curve.
 
 Example::
 
@@ -18,6 +18,7 @@ A prediction counts as positive when its probability is ``>= threshold``
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -91,6 +92,10 @@ class EvalReport:
     best_confusion: list[list[int]]
     youden_j: float                 # TPR - FPR at ``best_threshold``
     roc_png: Optional[str] = None   # the ROC plot written, if any
+    ece: float = float("nan")       # expected calibration error, 10 equal-width bins (pcamtool.calibration)
+    brier: float = float("nan")     # mean (p - y)^2
+    reliability_png: Optional[str] = None   # the reliability diagram written, if any
+    balanced_accuracy: float = float("nan")  # mean of TPR and TNR at ``threshold`` (PCam papers report it)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field (fresh lists: changing it leaves the report alone)."""
@@ -107,12 +112,16 @@ class EvalReport:
             f"{'rows':<12}{self.n} ({self.n_positive} positive, {share:.1%})",
             f"{'ROC AUC':<12}{self.auc:.4f}",
             f"{'log loss':<12}{self.loss:.4f}",
-            f"{f'at {self.threshold:g}':<12}accuracy {self.accuracy:.4f}  {cm(self.confusion)}",
-            f"{f'best {self.best_threshold:.4f}':<12}accuracy {self.best_accuracy:.4f}  "
-            f"{cm(self.best_confusion)}  (Youden's J {self.youden_j:.4f})",
+            f"{f'at {self.threshold:g}':<12}accuracy {self.accuracy:.4f}  balanced {self.balanced_accuracy:.4f}  "
+            f"{cm(self.confusion)}",
+            f"{f'at {self.best_threshold:.4f}':<12}accuracy {self.best_accuracy:.4f}  "
+            f"{cm(self.best_confusion)}  (Youden threshold: J {self.youden_j:.4f})",
+            f"{'calibration':<12}ECE {self.ece:.4f}  Brier {self.brier:.4f}",
         ]
         if self.roc_png:
             lines.append(f"{'ROC curve':<12}{self.roc_png}")
+        if self.reliability_png:
+            lines.append(f"{'reliability':<12}{self.reliability_png}")
         return "\n".join(lines)
 
 
@@ -122,6 +131,12 @@ def _confusion(labels: np.ndarray, pred: np.ndarray) -> list[list[int]]:
     fn = int(np.sum(~pred & labels))
     tn = int(len(labels) - tp - fp - fn)
     return [[tn, fp], [fn, tp]]
+
+
+def _balanced_accuracy(confusion: list[list[int]]) -> float:
+    """Mean of the true positive and true negative rates: accuracy as if the classes were balanced."""
+    (tn, fp), (fn, tp) = confusion
+    return 0.5 * (tp / (tp + fn) + tn / (tn + fp))
 
 
 def _check_inputs(probs: np.ndarray, labels: np.ndarray, ids: Optional[Sequence[str]],
@@ -162,7 +177,7 @@ def evaluate_arrays(probs: Sequence[float] | np.ndarray, labels: Sequence[int] |
                     threshold: float = DEFAULT_THRESHOLD,
                     ids: Optional[Sequence[str]] = None,
                     probs_source: str = "probabilities", labels_source: str = "labels",
-                    force: bool = False) -> EvalReport:
+                    force: bool = False, reliability_png: Optional[str | os.PathLike] = None) -> EvalReport:
     """Score probabilities against 0/1 labels of the same rows.
 
     Parameters
@@ -174,7 +189,7 @@ def evaluate_arrays(probs: Sequence[float] | np.ndarray, labels: Sequence[int] |
     roc_png
         Where to draw the ROC curve (PNG, written atomically); None: no plot.
     threshold
-        The fixed threshold reported beside the best one (a row is predicted
+        The fixed threshold reported beside the Youden one (a row is predicted
         positive when its probability is ``>= threshold``).
     ids
         Row ids, so that error messages name the offending rows.
@@ -183,6 +198,9 @@ def evaluate_arrays(probs: Sequence[float] | np.ndarray, labels: Sequence[int] |
     force
         Replace an existing ``roc_png``; without it an existing one is refused
         (ExistsError) before anything is computed.
+    reliability_png
+        Where to draw the reliability diagram (:mod:`pcamtool.calibration`);
+        None: no plot. ECE and Brier score are always in the report.
 
     Returns
     -------
@@ -198,9 +216,13 @@ def evaluate_arrays(probs: Sequence[float] | np.ndarray, labels: Sequence[int] |
     """
     from sklearn.metrics import roc_curve
 
-    if roc_png is not None:
-        check_writable(roc_png, force)
+    from .calibration import calibration, plot_reliability
+
+    for out in (roc_png, reliability_png):
+        if out is not None:
+            check_writable(out, force)
     p, y = _check_inputs(probs, labels, ids, probs_source, labels_source)
+    cal = calibration(p, y)
     scores = binary_metrics(p, y, threshold)
     # Every distinct score is a candidate threshold (no dropped points), so
     # ties in J resolve the same way whatever sklearn's pruning does: the
@@ -219,9 +241,14 @@ def evaluate_arrays(probs: Sequence[float] | np.ndarray, labels: Sequence[int] |
         best_threshold=best, best_accuracy=float(np.mean(at_best == y)),
         best_confusion=_confusion(y, at_best), youden_j=float(j[k]),
         roc_png=str(roc_png) if roc_png is not None else None,
+        balanced_accuracy=_balanced_accuracy(_confusion(y, at_fixed)),
+        ece=cal.ece, brier=cal.brier,
+        reliability_png=str(reliability_png) if reliability_png is not None else None,
     )
     if roc_png is not None:
         plot_roc(fpr, tpr, report, roc_png, force=force)
+    if reliability_png is not None:
+        plot_reliability(cal, reliability_png, force=force)
     return report
 
 
@@ -248,7 +275,7 @@ def plot_roc(fpr: np.ndarray, tpr: np.ndarray, report: EvalReport,
     ax.plot(fpr, tpr, color="C0", lw=2, label=f"ROC (AUC = {report.auc:.4f})")
     ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="chance")
     ax.plot(*_rates(report, report.best_confusion), "o", color="C3", ms=8,
-            label=f"best threshold {report.best_threshold:.3f} (acc {report.best_accuracy:.3f})")
+            label=f"Youden threshold {report.best_threshold:.3f} (acc {report.best_accuracy:.3f})")
     ax.plot(*_rates(report, report.confusion), "s", color="C2", ms=6,
             label=f"threshold {report.threshold:g} (acc {report.accuracy:.3f})")
     ax.set_xlim(-0.01, 1.01)
@@ -266,9 +293,23 @@ def plot_roc(fpr: np.ndarray, tpr: np.ndarray, report: EvalReport,
     return Path(path)
 
 
+def _answer_key(path: str | os.PathLike) -> dict[str, float]:
+    """``{id: label}`` from an ``id,label`` CSV, or from a labelled store (e.g. PCam's test split, packed)."""
+    with contextlib.suppress(OSError):
+        with open(path, "rb") as fh:
+            is_hdf5 = fh.read(8) == b"\x89HDF\r\n\x1a\n"
+        if is_hdf5:
+            from .io.store import open_store
+
+            store = open_store(path, need_labels=True)
+            return dict(zip(store.ids.tolist(), store.labels.tolist()))
+    return read_id_table(path, kind="labels")
+
+
 def evaluate_submission(submission_csv: str | os.PathLike, labels_csv: str | os.PathLike,
                         roc_png: Optional[str | os.PathLike] = None, *,
-                        threshold: float = DEFAULT_THRESHOLD, force: bool = False) -> EvalReport:
+                        threshold: float = DEFAULT_THRESHOLD, force: bool = False,
+                        reliability_png: Optional[str | os.PathLike] = None) -> EvalReport:
     """Score a Kaggle submission (``id,label`` probabilities) against an ``id,label`` answer key.
 
     Parameters
@@ -276,7 +317,8 @@ def evaluate_submission(submission_csv: str | os.PathLike, labels_csv: str | os.
     submission_csv
         The submission: one probability of class 1 per id.
     labels_csv
-        The answer key: one 0/1 label per id.
+        The answer key: one 0/1 label per id, an ``id,label`` CSV or a
+        labelled store (PCam's test split packed: ids ``pcam-test-<row>``).
     roc_png
         Where to draw the ROC curve; None: no plot.
     threshold, force
@@ -292,10 +334,11 @@ def evaluate_submission(submission_csv: str | os.PathLike, labels_csv: str | os.
     ExistsError
         ``roc_png`` exists and ``force`` is not set.
     """
-    if roc_png is not None:
-        check_writable(roc_png, force)
+    for out in (roc_png, reliability_png):
+        if out is not None:
+            check_writable(out, force)
     submission = read_id_table(submission_csv, as_float=True, kind="submission")
-    truth = read_id_table(labels_csv, kind="labels")
+    truth = _answer_key(labels_csv)
     missing = [k for k in truth if k not in submission]
     extra = [k for k in submission if k not in truth]
     if missing or extra:
@@ -311,4 +354,4 @@ def evaluate_submission(submission_csv: str | os.PathLike, labels_csv: str | os.
     labels = np.fromiter((truth[k] for k in ids), np.int8, len(ids))
     return evaluate_arrays(probs, labels, roc_png, threshold=threshold, ids=ids,
                            probs_source=str(submission_csv), labels_source=str(labels_csv),
-                           force=force)
+                           force=force, reliability_png=reliability_png)

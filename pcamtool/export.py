@@ -16,7 +16,7 @@ import logging
 import os
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,12 +24,14 @@ import numpy as np
 import torch
 
 from . import __version__
+from .constants import PATCH_SHAPE, TTA_CHOICES
 from .contract import ProbabilityModel
 from .errors import ModelError, PcamError
 from .io.fsutil import atomic_path
-from .onnx_io import INPUT, OUTPUT, model_metadata, open_session
+from .onnx_io import INPUT, OUTPUT, open_session
 from .quantize import CALIBRATION_IMAGES, Int8Check, quantize_checked
-from .train.runs import build_model, latest_run, load_checkpoint
+from .train.checkpoint import Checkpoint
+from .train.runs import latest_run
 
 log = logging.getLogger("pcamtool")
 # Max |onnxruntime - PyTorch| in probability, by (fp16 weights, GPU provider). GPU
@@ -62,26 +64,26 @@ def resolve_checkpoint(source: Optional[str | os.PathLike]) -> Path:
     return p
 
 
-def _check_images(ckpt: dict[str, Any], store_path: Optional[str | os.PathLike], n: int) -> np.ndarray:
+def _check_images(ck: Checkpoint, store_path: Optional[str | os.PathLike], n: int) -> np.ndarray:
     """Real images for the parity check: from the store the model was trained on, if readable."""
     from .io.store import open_store
 
-    path = store_path or ckpt.get("store", {}).get("path")
+    path = store_path or ck.store_path
     if path and Path(path).exists():
         store = open_store(path)
         idx = np.linspace(0, len(store) - 1, min(n, len(store))).astype(np.int64)
         return store.gather(idx)
     log.warning("training store not found: checking the export on random images")
-    return np.random.default_rng(0).integers(0, 256, (n, 96, 96, 3), dtype=np.uint8)
+    return np.random.default_rng(0).integers(0, 256, (n, *PATCH_SHAPE), dtype=np.uint8)
 
 
-def _write_checked(ckpt: dict[str, Any], tmp: Path, out_path: Path, meta: dict[str, str],
+def _write_checked(ck: Checkpoint, tmp: Path, out_path: Path, meta: dict[str, str],
                    fp16: bool, opset: int, images: np.ndarray, provider: str) -> tuple[float, str]:
     """Export to ``tmp`` with ``meta``, run onnx.checker and the parity check; ``(max diff, provider)``."""
     import onnx
 
-    net = build_model(ckpt)
-    ref_model = ProbabilityModel(build_model(ckpt)).eval()
+    net = ck.build_model()
+    ref_model = ProbabilityModel(net).eval()   # fp32, the reference even for an fp16 graph (net stays fp32)
     model = ProbabilityModel(net, torch.float16 if fp16 else torch.float32).eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
@@ -109,7 +111,8 @@ def _set_metadata(proto: Any, meta: dict[str, str], tmp: Path, out_path: Path) -
     for k, v in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v
-    proto.doc_string = f"pcamtool {__version__}: {meta['arch']} tumour classifier for 96x96 PCam patches"
+    proto.doc_string = (f"pcamtool {__version__}: {meta['arch']} tumour classifier for "
+                        f"{PATCH_SHAPE[0]}x{PATCH_SHAPE[1]} PCam patches")
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:
@@ -120,7 +123,7 @@ def _set_metadata(proto: Any, meta: dict[str, str], tmp: Path, out_path: Path) -
 def export_onnx(source: Optional[str | os.PathLike] = None, out: Optional[str | os.PathLike] = None,
                 fp16: bool = False, opset: int = 17, store_path: Optional[str | os.PathLike] = None,
                 force: bool = False, check_images: int = 64, provider: str = "cpu", int8: bool = False,
-                calibration_images: int = CALIBRATION_IMAGES) -> ExportResult:
+                calibration_images: int = CALIBRATION_IMAGES, tta_default: Optional[int] = None) -> ExportResult:
     """Export a checkpoint to ONNX, then check it with ``onnx.checker`` and onnxruntime.
 
     Parameters
@@ -136,6 +139,9 @@ def export_onnx(source: Optional[str | os.PathLike] = None, out: Optional[str | 
         overrides it) and checked against the fp32 graph on its validation
         rows: AUC within 0.002, probabilities within
         :data:`pcamtool.quantize.PROB_TOLERANCE`.
+    tta_default
+        The TTA ``infer`` applies to this model when given no ``--tta``
+        (recorded in the metadata); None keeps the checkpoint's (8).
 
     Raises
     ------
@@ -151,26 +157,30 @@ def export_onnx(source: Optional[str | os.PathLike] = None, out: Optional[str | 
     import onnx
 
     ckpt_path = resolve_checkpoint(source)
-    ckpt = load_checkpoint(ckpt_path)
+    ck = Checkpoint.load(ckpt_path).without_training_state()
+    if tta_default is not None:
+        if tta_default not in TTA_CHOICES:
+            raise PcamError(f"--tta {tta_default}: choose from {', '.join(map(str, TTA_CHOICES))}")
+        ck = replace(ck, tta_default=tta_default)
     out_path = Path(out) if out is not None else ckpt_path.parent / ("model-int8.onnx" if int8 else "model.onnx")
     if not 7 <= opset <= 23:
         raise PcamError(f"--opset {opset}: choose between 7 and 23")
     if int8 and fp16:
         raise PcamError("--int8 and --fp16 exclude each other (int8 is for CPUs, fp16 for GPUs)")
-    images = _check_images(ckpt, store_path, check_images)
-    meta = model_metadata(ckpt, fp16)
+    images = _check_images(ck, store_path, check_images)
+    meta = ck.to_onnx_metadata("fp16" if fp16 else "fp32")
     check = None
     with atomic_path(out_path, force=force) as tmp:
         if not int8:
-            diff, ran_on = _write_checked(ckpt, tmp, out_path, meta, fp16, opset, images, provider)
+            diff, ran_on = _write_checked(ck, tmp, out_path, meta, fp16, opset, images, provider)
         else:
             with tempfile.TemporaryDirectory(prefix="pcamtool-export-") as work:
                 fp32 = Path(work) / "fp32.onnx"
-                diff, ran_on = _write_checked(ckpt, fp32, out_path, meta, False, opset, images, "cpu")
-                check = quantize_checked(fp32, tmp, ckpt, store_path, out_path, calibration_images)
+                diff, ran_on = _write_checked(ck, fp32, out_path, meta, False, opset, images, "cpu")
+                check = quantize_checked(fp32, tmp, ck, store_path, out_path, calibration_images)
             meta = {**meta, **check.metadata()}
             _set_metadata(onnx.load(str(tmp)), meta, tmp, out_path)
-    log.info("exported %s -> %s (max |onnx - torch| = %.1e on %d images, %s)", ckpt_path, out_path, diff,
+    log.info("exported %s -> %s (max |onnx - torch| %.1e on %d images, %s)", ckpt_path, out_path, diff,
              len(images), ran_on)
     if check is not None:
         log.info("int8: validation AUC %.4f vs fp32 %.4f (%+.4f) on %d rows; max |p int8 - p fp32| %.3f "

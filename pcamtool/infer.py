@@ -14,26 +14,27 @@ Example::
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, Optional, Sequence, TypeVar
 
 import numpy as np
 
+from .constants import AVERAGES
 from .errors import ModelError, PcamError
 from .io.sources import ImageSource
 from .onnx_io import ModelSession, open_session
 from .progress import progress_bar
+from .stain import StainReference
 from .tta import tta_mean
 
 log = logging.getLogger("pcamtool")
 T = TypeVar("T")
-AVERAGES = ("mean", "rank")
+DEFAULT_SOURCES = (Path("data/test"), Path("data/test.h5"))   # what SRC defaults to, first found
 
 
 @dataclass
@@ -46,11 +47,13 @@ class Predictions:
 
 
 def default_source() -> Path:
-    """``data/test`` (tifs) if present, else ``data/test.h5``."""
-    for cand in (Path("data/test"), Path("data/test.h5")):
-        if cand.exists():
-            return cand
-    raise PcamError("no SRC given and neither data/test nor data/test.h5 exists")
+    """``data/test`` (tifs) if present, else ``data/test.h5``; logs which it reads (and that the other is there)."""
+    found = [p for p in DEFAULT_SOURCES if p.exists()]
+    if not found:
+        raise PcamError(f"no SRC given and neither {' nor '.join(map(str, DEFAULT_SOURCES))} exists")
+    also = f" ({found[1]} is there too: name it to read that instead)" if len(found) > 1 else ""
+    log.info("no SRC given: reading %s%s", found[0], also)
+    return found[0]
 
 
 def default_models() -> list[Path]:
@@ -59,18 +62,26 @@ def default_models() -> list[Path]:
     return [latest_run(want="model.onnx") / "model.onnx"]
 
 
-def _stain_transform(model_stain: dict, source_stain: dict, src: Path):
-    """The normalization to apply so test images match what the model was trained on."""
-    m, s = model_stain.get("method", "none"), source_stain.get("method", "none")
-    if s != "none" and (m != s or model_stain != source_stain):
-        raise PcamError(f"{src}: images were packed with stain normalization '{s}', "
-                        f"but the model was trained with '{m}' (pack the test set without --stain)")
-    if m == "none" or s == m:
-        return None
-    from .stain import StainReference, normalize
+def _stain_transform(model_stain: StainReference | dict, source_stain: StainReference | dict, src: Path,
+                     workers: int = 1) -> Optional[Callable[[np.ndarray], np.ndarray]]:
+    """The normalization to apply so test images match what the model was trained on (None: nothing to do).
 
-    ref = StainReference.from_dict(model_stain)
-    return lambda images: normalize(images, ref)
+    Images packed with the model's own normalization pass as they are;
+    unnormalized images are normalized on ``workers`` threads (as ``pack``
+    does); images normalized another way are refused.
+    """
+    model_ref, source_ref = (r if isinstance(r, StainReference) else StainReference.from_dict(r)
+                             for r in (model_stain, source_stain))
+    if source_ref.enabled and source_ref != model_ref:
+        how = ("toward another reference than the model's" if source_ref.method == model_ref.method
+               else f"but the model was trained with {model_ref.describe()}")
+        raise PcamError(f"{src}: images were packed with stain normalization {source_ref.describe()}, {how} "
+                        f"(pack the test set without --stain; infer applies the model's)")
+    if not model_ref.enabled or source_ref == model_ref:
+        return None
+    from .stain import normalize
+
+    return lambda images: normalize(images, model_ref, workers=workers)
 
 
 def prefetched(items: Iterable[T]) -> Iterator[T]:
@@ -152,10 +163,10 @@ def predict(src: Optional[str | os.PathLike] = None, models: Optional[Sequence[s
         raise PcamError("--average rank needs every image at once: it cannot be used with --shard")
     source = ImageSource(src_path, shard, workers)
     sessions = [open_session(p, provider, batch_size=batch_size, tta=tta) for p in model_paths]
-    stains = {s.metadata.get("stain", '{"method": "none"}') for s in sessions}
-    if len(stains) > 1:
+    stains = [s.checkpoint.stain for s in sessions]
+    if any(st != stains[0] for st in stains):
         raise ModelError("the ensemble's models were trained with different stain normalizations")
-    transform = _stain_transform(json.loads(stains.pop()), source.stain(), src_path)
+    transform = _stain_transform(stains[0], source.stain(), src_path, source.workers)
     per_model = np.empty((len(sessions), len(source.ids)), np.float64)
     keep = np.ones(len(source.ids), bool)
     skipped: list[tuple[str, str]] = []
@@ -184,8 +195,12 @@ def predict(src: Optional[str | os.PathLike] = None, models: Optional[Sequence[s
 
 
 def sample_beside(src: Path) -> Optional[Path]:
-    """Kaggle's ``sample_submission.csv`` beside the data, if there."""
-    cand = src.resolve().parent / "sample_submission.csv"
+    """Kaggle's ``sample_submission.csv`` beside the data, if there.
+
+    Beside the path as given, not its target: a linked ``data/test`` pairs
+    with ``data/sample_submission.csv``, whatever folder it points into.
+    """
+    cand = Path(os.path.abspath(src)).parent / "sample_submission.csv"
     return cand if cand.is_file() else None
 
 

@@ -67,6 +67,12 @@ def store_info(path: str | os.PathLike, outliers: bool = True, check: bool = Fal
         "size_bytes": os.path.getsize(store.path),
         "stain": store.stain(),
         "skipped": json.loads(store.attrs.get("skipped") or "[]"),
+        # format version 2: where the patches came from (None for stores that do not say)
+        "slides": int(len(np.unique(store.meta.slide))) if store.meta is not None else None,
+        "tumor_patch": int(store.meta.tumor_patch.sum()) if store.meta is not None else None,
+        "coord_range": ([int(store.meta.coord_y.min()), int(store.meta.coord_y.max()),
+                         int(store.meta.coord_x.min()), int(store.meta.coord_x.max())]
+                        if store.meta is not None else None),
     }
     if outliers or check:
         info.update(_scan(store, outliers, check, progress))
@@ -117,10 +123,20 @@ def _scan(store: Store, outliers: bool, check: bool, progress: bool) -> dict[str
         mean, std = channel_stats(sums, sqsums, len(store))
         for name, recorded, actual in (("mean", store.mean, mean), ("std", store.std, std)):
             if np.abs(recorded - actual).max() > STATS_TOLERANCE:
-                raise StoreError(f"{store.path}: recorded {name} {np.round(recorded, 6).tolist()} but the pixels "
-                                 f"give {np.round(actual, 6).tolist()} (the images changed after packing)")
+                shown_rec, shown_act = _distinct(recorded, actual)
+                raise StoreError(f"{store.path}: recorded {name} {shown_rec} but the pixels "
+                                 f"give {shown_act} (the images changed after packing)")
         out["check"] = "passed"
     return out
+
+
+def _distinct(a: np.ndarray, b: np.ndarray) -> tuple[list[float], list[float]]:
+    """``a`` and ``b`` rounded to the fewest decimals (6 at least) at which they print differently."""
+    for decimals in range(6, 18):
+        ra, rb = np.round(a, decimals).tolist(), np.round(b, decimals).tolist()
+        if ra != rb:
+            return ra, rb
+    return a.tolist(), b.tolist()
 
 
 def format_info(info: dict[str, Any]) -> str:
@@ -143,11 +159,17 @@ def format_info(info: dict[str, Any]) -> str:
     lines += [
         "mean (R,G,B) " + " ".join(f"{v:.4f}" for v in info["mean"]),
         "std  (R,G,B) " + " ".join(f"{v:.4f}" for v in info["std"]),
-        f"layout       chunks {tuple(info['chunks'])}, compression {info['compression']}, "
+        f"layout       {'chunks ' + str(tuple(info['chunks'])) if info['chunks'] else 'contiguous (not chunked)'}, "
+        f"compression {info['compression']}, "
         f"{'memory-mappable' if info['memory_mappable'] else 'read through h5py'}",
         f"size         {mb(info['size_bytes'])}",
         f"stain        {info['stain'].get('method', 'none')}",
     ]
+    if info.get("slides") is not None:
+        y0, y1, x0, x1 = info["coord_range"]
+        lines += [f"slides       {info['slides']:,} (slide id per patch: train and cv split by slide)",
+                  f"tumor_patch  {info['tumor_patch']:,} patches with tumour anywhere (labels: in the centre 32x32)",
+                  f"coordinates  y {y0:,}..{y1:,}, x {x0:,}..{x1:,}"]
     if "outliers_white" in info:
         lines.append(f"outliers     {info['outliers_white']} near-white (glass), {info['outliers_black']} near-black")
     if info.get("check") == "passed":

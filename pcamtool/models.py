@@ -42,6 +42,8 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ModelError
+from . import zoo_timm  # imports timm only when a timm network is resolved or built
+from .jsonutil import jsonable
 
 DEFAULT_MODEL = "plain4"  # best AUC per compute on real tissue (benchmarks/RESULTS.md)
 
@@ -263,7 +265,7 @@ def _init(model: nn.Module) -> None:
 
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {"pcamnet": PcamResNet, "simple": SimpleCNN, "plain4": PlainCNN}
-TIMM_PREFIX = "timm:"  # names handed to pcamtool.zoo_timm (timm imported only for them)
+TIMM_PREFIX = zoo_timm.PREFIX  # names handed to pcamtool.zoo_timm
 
 
 def is_timm(name: str) -> bool:
@@ -281,8 +283,6 @@ def model_normalization(name: str, resolved: dict[str, Any]) -> Optional[tuple[l
     """
     if not is_timm(name):
         return None
-    from . import zoo_timm
-
     return zoo_timm.normalization(resolved)
 
 
@@ -329,15 +329,6 @@ def without_pretrained(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {**kwargs, "pretrained": None} if "pretrained" in kwargs else dict(kwargs)
 
 
-def jsonable(v: Any) -> Any:
-    """``v`` as its JSON round trip gives it back (tuples become lists), so recorded kwargs compare equal."""
-    if isinstance(v, dict):
-        return {k: jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [jsonable(x) for x in v]
-    return v
-
-
 def resolve_model_args(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Every argument of model ``name``'s factory, the given ``kwargs`` validated, defaults filled in.
 
@@ -355,8 +346,6 @@ def resolve_model_args(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise ModelError(f"model {name!r}: arguments must be a mapping of names to values, got {kwargs!r}")
     if is_timm(name):
-        from . import zoo_timm
-
         return zoo_timm.resolve(name[len(TIMM_PREFIX):], kwargs)
     builder = _REGISTRY.get(name)
     if builder is None:
@@ -393,8 +382,6 @@ def create_model(name: str = DEFAULT_MODEL, **kwargs: Any) -> nn.Module:
         these arguments.
     """
     if is_timm(name):
-        from . import zoo_timm
-
         return zoo_timm.create(name[len(TIMM_PREFIX):], **kwargs)
     full = resolve_model_args(name, kwargs)
     try:

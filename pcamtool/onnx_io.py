@@ -23,7 +23,6 @@ import contextlib
 import ctypes
 import hashlib
 import io
-import json
 import logging
 import os
 import tempfile
@@ -34,40 +33,19 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from . import __version__
+from .constants import PATCH_SHAPE, PROVIDERS
 from .errors import ModelError, PcamError
+from .train.checkpoint import ONNX_FORMAT as _ONNX_FORMAT, ONNX_VERSION as _ONNX_VERSION, Checkpoint
 
 log = logging.getLogger("pcamtool")
 
-ONNX_FORMAT = "pcamtool-onnx"
-ONNX_VERSION = "1"
 INPUT, OUTPUT = "images", "probability"
-
-
-def model_metadata(ckpt: dict[str, Any], fp16: bool) -> dict[str, str]:
-    """What the ONNX file says about itself (all values are strings, per ONNX)."""
-    return {
-        "format": ONNX_FORMAT,
-        "format_version": ONNX_VERSION,
-        "pcamtool_version": __version__,
-        "arch": ckpt["model"]["name"],
-        "model_kwargs": json.dumps(ckpt["model"].get("kwargs", {})),
-        "mean": json.dumps(ckpt["mean"]),
-        "std": json.dumps(ckpt["std"]),
-        "stain": json.dumps(ckpt.get("stain", {"method": "none"})),
-        "input_layout": "NHWC uint8 (batch, 96, 96, 3), RGB; normalization inside the graph",
-        "output": "probability of tumour in the central 32x32, float32 (batch,)",
-        "val_auc": f"{ckpt.get('best_auc', ckpt.get('val_auc', float('nan'))):.6f}",
-        "epoch": str(ckpt.get("epoch", "")),
-        "store": json.dumps(ckpt.get("store", {})),
-        "tta_default": "8",   # infer's --tta when none is given
-        "precision": "fp16" if fp16 else "fp32",
-    }
+# What the file says about itself is the Checkpoint's (to_onnx_metadata / from_onnx_metadata).
+ONNX_FORMAT, ONNX_VERSION = _ONNX_FORMAT, _ONNX_VERSION
 
 
 # ----------------------------------------------------------------- providers
 
-PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
 ORT_NAMES = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider",
              "cpu": "CPUExecutionProvider"}   # best first: the order ``auto`` tries them
 GPU_PROVIDERS = ("tensorrt", "cuda")
@@ -151,7 +129,7 @@ def _tensorrt_options(path: Path, batch_size: int) -> dict[str, Any]:
     except OSError:  # a read-only model folder: the cache goes to the temporary folder instead
         cache = Path(tempfile.gettempdir()) / "pcamtool-trt-cache" / digest
         cache.mkdir(parents=True, exist_ok=True)
-    shape = "x96x96x3"
+    shape = "".join(f"x{d}" for d in PATCH_SHAPE)
     return {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
             "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache),
             "trt_profile_min_shapes": f"{INPUT}:1{shape}",
@@ -277,6 +255,11 @@ class ModelSession:
     def get_providers(self) -> list[str]:
         return self.session.get_providers()
 
+    @property
+    def checkpoint(self) -> Checkpoint:
+        """What the model's metadata says (a :class:`Checkpoint` without weights: stain, normalization, TTA)."""
+        return Checkpoint.from_onnx_metadata(self.metadata, self.path)
+
 
 def _load_proto(path: Path) -> Any:
     import onnx
@@ -297,15 +280,14 @@ def _check_graph(path: Path, proto: Any) -> dict[str, str]:
     import onnx
 
     meta = {p.key: p.value for p in proto.metadata_props}
-    if meta.get("format") != ONNX_FORMAT:
-        raise ModelError(f"{path}: not a pcamtool model (no '{ONNX_FORMAT}' metadata)")
+    Checkpoint.from_onnx_metadata(meta, path)   # ours, and every field parses (one line naming it if not)
     weights = {t.name for t in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in weights]
     if (len(inputs) != 1 or inputs[0].name != INPUT
-            or inputs[0].type.tensor_type.elem_type != onnx.TensorProto.UINT8 or _dims(inputs[0])[1:] != [96, 96, 3]):
+            or inputs[0].type.tensor_type.elem_type != onnx.TensorProto.UINT8 or _dims(inputs[0])[1:] != list(PATCH_SHAPE)):
         got = ", ".join(f"{i.name} {onnx.TensorProto.DataType.Name(i.type.tensor_type.elem_type)} {_dims(i)}"
                         for i in inputs)
-        raise ModelError(f"{path}: model input is {got}, expected {INPUT} UINT8 [batch, 96, 96, 3]")
+        raise ModelError(f"{path}: model input is {got}, expected {INPUT} UINT8 [batch, {', '.join(map(str, PATCH_SHAPE))}]")
     outputs = list(proto.graph.output)
     if (len(outputs) != 1 or outputs[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT
             or len(_dims(outputs[0])) != 1):
@@ -313,15 +295,6 @@ def _check_graph(path: Path, proto: Any) -> dict[str, str]:
                         for o in outputs)
         raise ModelError(f"{path}: model output is {got}, expected one FLOAT probability per image [batch]")
     return meta
-
-
-def _default_tta(path: Path, meta: dict[str, str]) -> int:
-    from .tta import TTA_CHOICES
-
-    raw = meta.get("tta_default", "8")
-    if not raw.isdigit() or int(raw) not in TTA_CHOICES:
-        raise ModelError(f"{path}: metadata tta_default {raw!r} is not one of {TTA_CHOICES}")
-    return int(raw)
 
 
 def open_session(path: str | os.PathLike, provider: str = "auto", batch_size: int = 256,
@@ -359,7 +332,7 @@ def open_session(path: str | os.PathLike, provider: str = "auto", batch_size: in
     providers = choose_providers(provider)          # fail on an unusable provider before reading the model
     proto = _load_proto(path)
     meta = _check_graph(path, proto)
-    ks = tta_transforms(tta if tta is not None else _default_tta(path, meta))
+    ks = tta_transforms(tta if tta is not None else Checkpoint.from_onnx_metadata(meta, path).tta_default)
     options: list[dict[str, Any]] = [
         _tensorrt_options(path, batch_size) if p == ORT_NAMES["tensorrt"] else {} for p in providers]
     in_graph = providers[0] != ORT_NAMES["cpu"] and len(ks) > 1

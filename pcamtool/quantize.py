@@ -30,13 +30,16 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
 from .errors import ModelError, PcamError
 from .int8_rewrite import INPUT_SCALE, feed_uint8_input, normalization_as_conv, tile_channel_constants
 from .onnx_io import INPUT
+
+if TYPE_CHECKING:
+    from .train.checkpoint import Checkpoint
 
 log = logging.getLogger("pcamtool")
 
@@ -85,34 +88,37 @@ class Int8Check:
                 "int8_mean_abs_diff": f"{self.mean_abs_diff:.6f}"}
 
 
-def _rows_for(ckpt: dict[str, Any], store_path: Path) -> tuple[Any, np.ndarray, Any, np.ndarray, str]:
+def _rows_for(ck: "Checkpoint", store_path: Path) -> tuple[Any, np.ndarray, Any, np.ndarray, str]:
     """``(store, calibration rows, validation store, validation rows, how)`` for ``store_path``.
 
     The run's own split when ``store_path`` is the store it trained on
-    (rebuilt with :func:`pcamtool.train.split.make_split` from the recorded
-    config, or its ``val_store``); otherwise a stratified 20% hold-out with
-    the run's seed.
+    (:meth:`Checkpoint.split`, the split training made, or its ``--val-store``);
+    otherwise a stratified 20% hold-out with the run's seed.
+
+    Raises
+    ------
+    PcamError
+        The run's split cannot be rebuilt: its groups file or validation
+        store is gone (a split without the groups would leak slides into
+        the check).
     """
     from .io.store import open_store
-    from .train.split import make_split, read_groups
+    from .train.split import make_split
 
-    cfg = ckpt.get("config") or {}
-    seed = int(cfg.get("seed", 0))
+    seed = int(ck.config.get("seed", 0))
     store = open_store(store_path, need_labels=True)
-    trained_on = str(ckpt.get("store", {}).get("path", ""))
-    own = bool(trained_on) and Path(trained_on).resolve() == Path(store_path).resolve()
-    if own and cfg.get("val_store") and Path(cfg["val_store"]).exists():
-        val = open_store(cfg["val_store"], need_labels=True)
-        return store, np.arange(len(store)), val, np.arange(len(val)), f"the run's --val-store {cfg['val_store']}"
-    if own:
-        groups = read_groups(cfg["groups"], store.ids) if cfg.get("groups") and Path(cfg["groups"]).exists() else None
-        tr, va = make_split(store.labels, float(cfg.get("val_frac", 0.2)), seed, cfg.get("folds"),
-                            int(cfg.get("fold", 0)), groups)
-        how = "the run's validation split"
-    else:
+    if not ck.trained_on(store_path):
         tr, va = make_split(store.labels, 0.2, seed)
-        how = f"a stratified 20% hold-out of {store_path} (seed {seed})"
-    return store, np.asarray(tr), store, np.asarray(va), how
+        return store, np.asarray(tr), store, np.asarray(va), f"a stratified 20% hold-out of {store_path} (seed {seed})"
+    val_store_path = ck.config.get("val_store")
+    if val_store_path:
+        if not Path(val_store_path).exists():
+            raise PcamError(f"{val_store_path}: the run's --val-store is not there, and the int8 check "
+                            f"validates on it (restore it, or pass another store with --store)")
+        val = open_store(val_store_path, need_labels=True)
+        return store, np.arange(len(store)), val, np.arange(len(val)), f"the run's --val-store {val_store_path}"
+    tr, va = ck.split(store)
+    return store, tr, store, va, "the run's validation split"
 
 
 def _subset(rows: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -236,7 +242,7 @@ def check_int8(fp32_path: Path, int8_path: Path, val_store: Any, rows: np.ndarra
     return res
 
 
-def quantize_checked(fp32_path: Path, out_tmp: Path, ckpt: dict[str, Any], store_path: Optional[str | os.PathLike],
+def quantize_checked(fp32_path: Path, out_tmp: Path, ck: "Checkpoint", store_path: Optional[str | os.PathLike],
                      out_name: Path, calibration_images: int = CALIBRATION_IMAGES,
                      check_rows: int = CHECK_ROWS) -> Int8Check:
     """Quantize ``fp32_path`` into ``out_tmp`` (calibrated on the training store) and check it.
@@ -258,12 +264,12 @@ def quantize_checked(fp32_path: Path, out_tmp: Path, ckpt: dict[str, Any], store
         by more than :data:`AUC_TOLERANCE` / :data:`PROB_TOLERANCE` /
         :data:`MEAN_TOLERANCE`.
     """
-    path = store_path or ckpt.get("store", {}).get("path")
+    path = store_path or ck.store_path
     if not path or not Path(path).exists():
         raise PcamError(f"{out_name}: --int8 calibrates on the training store, and "
                         f"{path or 'the checkpoint names none'} is not there (give one with --store)")
-    store, train_rows, val_store, val_rows, how = _rows_for(ckpt, Path(path))
-    seed = int((ckpt.get("config") or {}).get("seed", 0))
+    store, train_rows, val_store, val_rows, how = _rows_for(ck, Path(path))
+    seed = int(ck.config.get("seed", 0))
     calib = _subset(train_rows, calibration_images, seed)
     rows = _subset(val_rows, check_rows, seed + 1)
     log.info("int8: calibrating on %d training images, checking on %d validation rows (%s)", len(calib),

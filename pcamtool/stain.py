@@ -24,22 +24,43 @@ Example::
 """
 from __future__ import annotations
 
+import json
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
 
+from .constants import STAIN_METHODS
 from .errors import PcamError
-from .kernels import stain as K
 
-METHODS = ("none", "reinhard", "macenko")
+METHODS = STAIN_METHODS
 POOL_STRIDE = 7  # pixels of each reference patch pooled (every 7th: plenty, and fast)
+# The one layout of each method's reference: parameter name -> shape. The store,
+# the checkpoint and the ONNX metadata all carry it through StainReference.
+PARAMS: dict[str, dict[str, tuple[int, ...]]] = {
+    "none": {},
+    "reinhard": {"mean": (3,), "std": (3,)},                              # l-alpha-beta of tissue pixels
+    "macenko": {"stain_matrix": (2, 3), "max_concentrations": (2,)},     # H&E rows, 99th percentiles
+}
 
 
 @dataclass(frozen=True)
 class StainReference:
-    """A stain normalization method and the reference it maps toward (JSON-able)."""
+    """A stain normalization method and the reference it maps toward.
+
+    The parameters are checked on construction against :data:`PARAMS`
+    (every one present, of its shape, finite), so a reference read from a
+    store, a checkpoint or an ONNX file is whole or refused in one line.
+    ``to_dict`` / ``from_dict`` and ``to_json`` / ``from_json`` are the
+    formats it travels in; equal references compare equal.
+
+    Raises
+    ------
+    PcamError
+        An unknown method or a missing, misshapen or non-finite parameter.
+    """
 
     method: str
     params: dict[str, Any] = field(default_factory=dict)
@@ -47,15 +68,58 @@ class StainReference:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise PcamError(f"unknown stain method {self.method!r} (choose from {', '.join(METHODS)})")
+        clean: dict[str, Any] = {}
+        for key, shape in PARAMS[self.method].items():
+            try:
+                arr = np.asarray(self.params[key], np.float64)
+            except KeyError:
+                raise PcamError(f"stain reference for {self.method} lacks {key!r}") from None
+            except (TypeError, ValueError):
+                arr = np.empty(0)
+            if arr.shape != shape or not np.isfinite(arr).all():
+                raise PcamError(f"stain reference for {self.method}: {key} must be {math.prod(shape)} finite "
+                                f"numbers of shape {shape}, got {str(self.params[key])[:60]}")
+            clean[key] = arr.tolist()
+        object.__setattr__(self, "params", clean)   # plain lists: JSON-able, and equality is by value
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **self.params}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "StainReference":
+    def from_dict(cls, d: Optional[dict[str, Any]]) -> "StainReference":
+        """The reference of a ``to_dict`` mapping; None or ``{}`` is no normalization."""
+        if d is None:
+            return cls("none")
+        if not isinstance(d, dict):
+            raise PcamError(f"not a stain description: {str(d)[:60]!r}")
         d = dict(d)
         method = d.pop("method", "none")
-        return cls(method, d)
+        return cls(method, {k: v for k, v in d.items() if k in PARAMS.get(method, d)})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, raw: Optional[str]) -> "StainReference":
+        """The reference of a ``to_json`` string; None or ``""`` is no normalization."""
+        if raw is None or raw == "":
+            return cls("none")
+        try:
+            d = json.loads(raw)
+        except (TypeError, ValueError):
+            raise PcamError(f"not a stain description (not JSON: {str(raw)[:60]!r})") from None
+        return cls.from_dict(d)
+
+    def describe(self) -> str:
+        """Short words for messages: ``'macenko'`` and, for a reference, a fingerprint of its numbers."""
+        if not self.enabled:
+            return "'none'"
+        numbers = [round(float(v), 3) for key in PARAMS[self.method] for v in np.ravel(self.params[key])]
+        return f"'{self.method}' (reference {', '.join(map(str, numbers[:3]))}, ...)"
 
 
 def _pooled_pixels(images: np.ndarray) -> np.ndarray:
@@ -75,6 +139,8 @@ def fit_reference(images: np.ndarray, method: str) -> StainReference:
     PcamError
         Unknown method, images not uint8 (N, H, W, 3), or they hold (almost) no tissue.
     """
+    from .kernels import stain as K
+
     if method not in METHODS:
         raise PcamError(f"unknown stain method {method!r} (choose from {', '.join(METHODS)})")
     if method == "none":
@@ -94,14 +160,14 @@ def fit_reference(images: np.ndarray, method: str) -> StainReference:
 
 
 def _kernel_args(ref: StainReference) -> tuple:
-    try:
-        if ref.method == "reinhard":
-            mean, std = (np.asarray(ref.params[k], np.float64) for k in ("mean", "std"))
-            return K.reinhard_batch, (mean, std)
-        he = np.ascontiguousarray(np.asarray(ref.params["stain_matrix"], np.float64).T)
-        return K.macenko_batch, (he, np.asarray(ref.params["max_concentrations"], np.float64))
-    except KeyError as exc:
-        raise PcamError(f"stain reference for {ref.method} lacks {exc}") from None
+    """The kernel of ``ref``'s method and its arguments (the parameters were checked by StainReference)."""
+    from .kernels import stain as K
+
+    if ref.method == "reinhard":
+        mean, std = (np.asarray(ref.params[k], np.float64) for k in ("mean", "std"))
+        return K.reinhard_batch, (mean, std)
+    he = np.ascontiguousarray(np.asarray(ref.params["stain_matrix"], np.float64).T)
+    return K.macenko_batch, (he, np.asarray(ref.params["max_concentrations"], np.float64))
 
 
 def normalize(images: np.ndarray, reference: StainReference, out: Optional[np.ndarray] = None,

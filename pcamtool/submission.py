@@ -27,6 +27,7 @@ import numpy as np
 from .io.csvio import read_id_table, write_rows
 from .errors import LabelsError, PcamError, few
 from .io.fsutil import check_writable
+from .io.sources import shard_slice  # noqa: F401  (the one definition; a lower floor, re-exported for callers)
 
 _SHARD = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
 _SHARD_NAME = re.compile(r"(?<!\d)(\d+)[-_]?of[-_]?(\d+)(?!\d)")   # sub.0of4.csv, sub_2-of-4.csv
@@ -109,24 +110,6 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def shard_slice(n_items: int, i: int, n: int) -> slice:
-    """The items of shard ``i`` of ``n`` (0-based) out of ``n_items``.
-
-    Shards are contiguous, disjoint, cover every item, and differ in size by
-    at most one.
-
-    Raises
-    ------
-    PcamError
-        ``n < 1``, ``i`` outside ``0 .. n-1`` or ``n_items < 0``.
-    """
-    if n < 1 or not 0 <= i < n:
-        raise PcamError(f"shard {i}/{n}: need n >= 1 and 0 <= i < n")
-    if n_items < 0:
-        raise PcamError(f"cannot shard {n_items} items")
-    return slice(i * n_items // n, (i + 1) * n_items // n)
-
-
 def check_shard_names(paths: Sequence[str | os.PathLike]) -> bool:
     """Check that shard files named ``<i>of<n>`` cover shards ``0..n-1``; False if the names do not say.
 
@@ -189,9 +172,8 @@ def merge_shards(paths: Sequence[str | os.PathLike], out: Optional[str | os.Path
     """
     if not paths:
         raise PcamError("no shard files to merge")
-    if sample_csv is None and not check_shard_names(paths):
-        log.warning("merging %d shard file(s) without --sample: a missing shard cannot be noticed "
-                    "(give --sample, or name the shards like sub.0of%d.csv)", len(paths), len(paths))
+    # Checked now, said only once the merge has succeeded: a warning before an error was noise.
+    unchecked = sample_csv is None and not check_shard_names(paths)
     if out is not None:
         check_writable(out, force)  # fail before reading thousands of rows
     seen_files: dict[Path, str] = {}
@@ -203,7 +185,7 @@ def merge_shards(paths: Sequence[str | os.PathLike], out: Optional[str | os.Path
         if key in seen_files:
             raise PcamError(f"{path}: shard file given twice")
         seen_files[key] = str(path)
-        table = read_id_table(path, as_float=True, kind="shard")
+        table = read_id_table(path, as_float=True, kind="shard", probabilities=True)
         for k, v in table.items():
             if k in owner:
                 raise PcamError(f"id {k} is in two shards: {owner[k]} and {path}")
@@ -218,4 +200,7 @@ def merge_shards(paths: Sequence[str | os.PathLike], out: Optional[str | os.Path
         raise PcamError(f"{exc} (merging {len(paths)} shard file(s))") from None
     if out is not None:
         write_rows(out, ids, probs, force=force)
+    if unchecked:
+        log.warning("merged %d shard file(s) without --sample: a missing shard cannot be noticed "
+                    "(give --sample, or name the shards like sub.0of%d.csv)", len(paths), len(paths))
     return ids, probs

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .errors import PcamError
 
-TTA_CHOICES = (1, 2, 4, 8)
+from .constants import TTA_CHOICES  # the one list, shared with the CLI
 # Each k as (transpose, flip first spatial axis, flip second spatial axis),
 # applied in that order: the form used for per-sample transforms in one pass.
 _T = (0, 1, 0, 1, 0, 1, 0, 1)

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ModelError
+from .jsonutil import jsonable
 
 PREFIX = "timm:"
 PATCH_SIZE = 96  # the side of a PCam patch: what the backbone receives
@@ -56,17 +57,20 @@ _RECORDED = ("timm_name", "img_size", "pretrained", "timm_kwargs", "timm_version
 log = logging.getLogger("pcamtool")
 
 
-def _timm() -> Any:
-    """The timm module, or one line saying how to install it."""
+EXTRA_HINT = "pip install 'pcamtool[timm]'"  # the extra that brings timm and torchvision
+
+
+def _timm(label: str = "timm:NAME") -> Any:
+    """The timm module, or one line naming the extra to install."""
     try:
         import timm
-    except ImportError as exc:
-        raise ModelError(f"timm models need timm and torchvision: install timm "
-                         f"(pip install 'timm>=1.0' torchvision) ({exc})") from None
-    except (RuntimeError, OSError) as exc:  # a torchvision built for another torch fails at import
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except ImportError as exc:  # timm, or the torchvision it imports, is missing
+        missing = getattr(exc, "name", None) or "timm"
+        raise ModelError(f"{label} needs timm and torchvision ({missing} is not installed): "
+                         f"{EXTRA_HINT}") from None
+    except (RuntimeError, OSError, AttributeError) as exc:  # a torchvision built for another torch fails at import
         raise ModelError(f"timm does not import beside this torch {torch.__version__} (install the torchvision "
-                         f"built for it): {first}") from None
+                         f"built for it, e.g. {EXTRA_HINT}): {_first_line(exc)}") from None
     return timm
 
 
@@ -100,7 +104,7 @@ class TimmBackbone(nn.Module):
 
 
 def _check_name(timm_name: str) -> None:
-    timm = _timm()
+    timm = _timm(PREFIX + str(timm_name))
     if isinstance(timm_name, str) and timm_name and timm.is_model(timm_name):
         return
     close = difflib.get_close_matches(str(timm_name), timm.list_models(), n=4, cutoff=0.6)
@@ -138,9 +142,7 @@ def resolve(timm_name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
         ``pretrained=True`` for a network timm has no weights for, a bad
         ``img_size``, or timm missing.
     """
-    from .models import jsonable  # models imports this module lazily: no cycle at import time
-
-    timm = _timm()
+    timm = _timm(PREFIX + str(timm_name))
     kw = dict(kwargs)
     if kw.get("timm_name", timm_name) != timm_name:
         raise ModelError(f"{PREFIX}{timm_name}: recorded timm_name is {kw['timm_name']!r}")
@@ -167,6 +169,7 @@ def resolve(timm_name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _pretrained_cfg(timm_name: str) -> Any:
+    _timm(PREFIX + timm_name)
     from timm.models import get_pretrained_cfg
 
     return get_pretrained_cfg(timm_name)
@@ -201,7 +204,7 @@ def create(timm_name: str, /, **kwargs: Any) -> TimmBackbone:
         weights file belongs to another architecture (the first mismatched
         key named); the download failed (no internet: pass a file instead).
     """
-    timm = _timm()
+    timm = _timm(PREFIX + str(timm_name))
     full = resolve(timm_name, kwargs)
     if kwargs.get("timm_version") not in (None, timm.__version__):
         log.warning("%s%s was recorded with timm %s, building it with timm %s", PREFIX, timm_name,
@@ -213,30 +216,114 @@ def create(timm_name: str, /, **kwargs: Any) -> TimmBackbone:
         tkw.setdefault("img_size", full["img_size"])
     pretrained = full["pretrained"]
     if pretrained is not None and not isinstance(pretrained, bool):
+        _check_weights_file(pretrained)
         tkw["pretrained_cfg_overlay"] = dict(file=pretrained)
     offline = pretrained is True and not _online()
     with _LoadReport() as report, _hub_offline(offline):
         try:
             net = timm.create_model(timm_name, pretrained=pretrained is not None, num_classes=1, **tkw)
-        except (TypeError, ValueError, KeyError, RuntimeError, OSError, ImportError) as exc:
+        except (TypeError, ValueError, KeyError, RuntimeError, OSError, ImportError, AttributeError,
+                EOFError) as exc:
             raise _build_error(label, pretrained, exc) from None
+        except AssertionError as exc:  # timm asserts shapes while building (a hybrid ViT's grid, for one)
+            raise ModelError(f"{label} cannot be built for {full['img_size']}x{full['img_size']} inputs "
+                             f"(--img-size {full['img_size']}): {_first_line(exc)}{_native_hint(cfg, full)}") from None
     if pretrained is not None:
         report.check(label, pretrained, net)
-    return TimmBackbone(net, full["img_size"])
+    backbone = TimmBackbone(net, full["img_size"])
+    _check_input_size(backbone, label, cfg)
+    return backbone
+
+
+def _check_weights_file(path: str) -> None:
+    """Refuse a weights file that is empty, unreadable, or not a mapping of names to tensors.
+
+    timm would fail deep inside its loader (an ``EOFError`` that click reports
+    as "Aborted!", a safetensors header error, ``'Tensor' object has no
+    attribute 'items'``); reading the file first gives one line naming it.
+    """
+    p = Path(path)
+    if p.stat().st_size == 0:
+        raise ModelError(f"{p}: empty weights file (0 bytes)")
+    if p.suffix.lower() == ".safetensors":
+        try:
+            from safetensors import safe_open
+        except ImportError:
+            return  # timm reports the missing package itself
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                if not list(f.keys()):
+                    raise ModelError(f"{p}: the safetensors file holds no tensors")
+        except ModelError:
+            raise
+        except Exception as exc:  # safetensors' own error type lives in a compiled module
+            raise ModelError(f"{p}: not a readable safetensors file: {_first_line(exc)}") from None
+        return
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and torch errors: all mean "not a weights file we can read"
+        raise ModelError(f"{p}: not a readable PyTorch weights file: {_first_line(exc)}") from None
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "state_dict_ema"):  # the wrappers timm's loader unwraps
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not any(isinstance(v, Tensor) for v in obj.values()):
+        what = "one tensor" if isinstance(obj, Tensor) else f"a {type(obj).__name__}"
+        raise ModelError(f"{p}: holds {what}, not a state dict (a mapping of layer names to tensors)")
+
+
+def _check_input_size(backbone: TimmBackbone, label: str, cfg: Any) -> None:
+    """One forward pass of a blank patch: a size the network cannot take fails here, not mid-training.
+
+    Hybrid ViTs, Swin and others need the side to fit their patch or window
+    grid; timm reports that with a bare ``AssertionError`` at the first batch.
+    """
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            backbone(torch.zeros(1, 3, PATCH_SIZE, PATCH_SIZE))
+    except Exception as exc:  # any failure here is the shape: the network itself was built
+        raise ModelError(f"{label} cannot take {backbone.img_size}x{backbone.img_size} inputs "
+                         f"(--img-size {backbone.img_size}): {_first_line(exc)}"
+                         f"{_native_hint(cfg, {'img_size': backbone.img_size})}") from None
+    finally:
+        backbone.train(was_training)
+
+
+def _native_hint(cfg: Any, full: dict[str, Any]) -> str:
+    native = cfg.input_size[-1] if cfg is not None and getattr(cfg, "input_size", None) else None
+    return f"; try --img-size {native}, its native size" if native and native != full["img_size"] else ""
 
 
 def _online(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub answers (a proxy in the environment is trusted to reach it)."""
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
+    """Whether the Hugging Face hub answers, directly or through the environment's proxy.
+
+    Offline, huggingface_hub retries each file for ~50 s and logs every retry;
+    asking once here lets :func:`_hub_offline` make it look in its cache only.
+    """
     from urllib.parse import urlparse
 
     try:
         from huggingface_hub import constants
 
-        host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+        endpoint = constants.ENDPOINT
     except ImportError:
-        host = "huggingface.co"
+        endpoint = "https://huggingface.co"
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        # a proxy accepts the connection even when it cannot reach the hub: ask through it
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+            return True
+        except urllib.error.HTTPError as exc:  # an HTTP answer: the hub (or its front) is reachable...
+            return exc.code < 500  # ...unless the proxy itself answers 502/503/504 for a host it cannot reach
+        except (OSError, ValueError):  # refused, timed out, a bad proxy URL
+            return False
+    host = urlparse(endpoint).hostname or "huggingface.co"
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
         return True

@@ -1,11 +1,24 @@
-"""Shared fixtures: tiny Kaggle-layout data made in tmp_path, and the real sample when present."""
+"""Shared fixtures: tiny Kaggle-layout data made in tmp_path, and the real sample when present.
+
+The real sample is ``../shared/pcam-real`` beside the repository, or the folder
+named by ``PCAMTOOL_REAL_DIR`` (it must hold ``train/`` and ``train_labels.csv``).
+"""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from helpers import REAL, write_kaggle
+from helpers import REAL, REAL_DIR_VARIABLE, write_kaggle
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # A folder named on purpose that is not there is a mistake to stop on,
+    # not a reason to skip the real-sample tests quietly.
+    if os.environ.get(REAL_DIR_VARIABLE) and not (REAL / "train").is_dir():
+        raise pytest.UsageError(f"{REAL_DIR_VARIABLE}={REAL}: no train/ folder there "
+                                f"(point it at the folder holding train/ and train_labels.csv)")
 
 
 @pytest.fixture
@@ -18,7 +31,7 @@ def kaggle(tmp_path: Path):
 @pytest.fixture
 def real_dir() -> Path:
     if not (REAL / "train").is_dir():
-        pytest.skip("real sample ../shared/pcam-real not present")
+        pytest.skip(f"real sample {REAL} not present (set {REAL_DIR_VARIABLE} to its folder)")
     return REAL
 
 

@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
 import tifffile
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "pcam-real"
+# The real Kaggle sample (train/ + train_labels.csv): PCAMTOOL_REAL_DIR, else
+# ../shared/pcam-real beside the repository. Tests that need it skip without it.
+REAL_DIR_VARIABLE = "PCAMTOOL_REAL_DIR"
+REAL = Path(os.environ.get(REAL_DIR_VARIABLE)
+            or Path(__file__).resolve().parents[1].parent / "shared" / "pcam-real").expanduser()
 
 
 def make_id(i: int, salt: str = "t") -> str:

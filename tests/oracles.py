@@ -107,3 +107,29 @@ def render_split(n: int, seed: int = 0, split: str = "train", with_cells: bool =
     cells = [c for p in parts for c in p.cells] if with_cells else None
     return Rendered(cat("index"), cat("images"), cat("tumour_mask"), cat("labels"),
                     cat("targets"), cat("slide"), cells)
+
+
+# ---------------------------------------------------------------- training parts
+
+def lr_multipliers(total: int, warmup_frac: float, schedule: str, steps: int | None = None) -> np.ndarray:
+    """The learning-rate multiplier of steps ``0..steps-1`` (default ``0..total``), built as whole arrays.
+
+    The warm-up is a straight line from the start value (1/25 of the peak
+    for one-cycle, 0 for cosine) that reaches the peak on step ``warm - 1``;
+    then half a cosine period from the peak down to the floor (1/25,000 of the
+    peak for one-cycle, 0 for cosine), flat at the floor past ``total``.
+    """
+    warm = max(1, int(warmup_frac * total))
+    start, floor = (0.04, 4e-5) if schedule == "onecycle" else (0.0, 0.0)
+    steps = np.arange(total + 1 if steps is None else steps, dtype=np.float64)
+    ramp = np.interp(steps + 1, [0.0, float(warm)], [start, 1.0])
+    frac = np.clip((steps - warm) / max(1, total - warm), 0.0, 1.0)
+    decay = floor + (1.0 - floor) * (np.cos(np.pi * frac) + 1.0) / 2.0
+    return np.where(steps < warm, ramp, decay)
+
+
+def bce_with_logits(logits: np.ndarray, targets: np.ndarray) -> float:
+    """Mean binary cross-entropy of float64 logits against soft targets (the log-sum-exp form)."""
+    z = np.asarray(logits, np.float64)
+    y = np.asarray(targets, np.float64)
+    return float(np.mean(np.logaddexp(0.0, z) - y * z))

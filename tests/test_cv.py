@@ -122,6 +122,16 @@ def test_cv_refuses_other_options_and_val_store(store, tmp_path):
         run_cv(tiny(store), out=tmp_path / "none", resume=True, progress=False)
 
 
+def test_a_second_cv_into_the_same_folder_is_refused(store, tmp_path):
+    from pcamtool.errors import BusyError
+    from pcamtool.io.fsutil import output_lock
+
+    with output_lock(tmp_path / "cv"):   # what a running 'cv -o cv' holds
+        with pytest.raises(BusyError, match="cv: being written by another process"):
+            run_cv(tiny(store), folds=K, out=tmp_path / "cv", progress=False)
+    assert not (tmp_path / "cv").exists()
+
+
 def test_cv_command(store, tmp_path):
     out = tmp_path / "cvcli"
     args = ["-q", "cv", str(store), "-o", str(out), "--folds", "2", "--arch", "simple", "--model-arg", "width=8",
@@ -138,6 +148,9 @@ def test_cv_command(store, tmp_path):
     assert r.exit_code == 1 and "cv trains every fold" in r.output
     r = CliRunner().invoke(cli, ["-q", "cv", "--resume", str(out), "--lr", "0.01"])
     assert r.exit_code == 1 and "--lr" in r.output
+    # the library holds the same policy: a changed option in cfg is refused, not quietly dropped
+    with pytest.raises(PcamError, match=r"cannot change --lr on resume .*only --device, --threads, --cache"):
+        run_cv(tiny(store, lr=0.01), out=out, resume=True, progress=False)
     r = CliRunner().invoke(cli, ["-q", "cv", "--resume", str(out), "--threads", "1", "--no-export"])
     assert r.exit_code == 0, r.output
     assert json.loads((out / "cv.json").read_text())["folds"] == 2

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import pcamtool.device as device_mod
-from pcamtool.device import Precision, autocast_context, resolve_device, use_channels_last
+from pcamtool.device import Precision, resolve_device
 from pcamtool.errors import PcamError
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -47,16 +47,16 @@ def test_cpu_precision_follows_native_bf16(monkeypatch, fresh_precision, feature
     """fp32 on a CPU without native bf16; bf16 autocast with it, unless PCAMTOOL_AMP=0; the reason recorded."""
     monkeypatch.setattr(device_mod, "cpu_bf16_feature", lambda: feature)
     p = Precision.for_device("cpu")
-    assert p.channels_last and use_channels_last(torch.device("cpu")) is True  # measured faster on CPUs too
+    assert p.channels_last and Precision.for_device(torch.device("cpu")).channels_last  # measured faster on CPUs too
     assert p.memory_format == torch.channels_last and not p.grad_scaler().is_enabled()
-    with autocast_context("cpu"):
+    with Precision.for_device("cpu").autocast():
         got = (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
     if feature:
         assert p.name == "bf16" and p.autocast_dtype == torch.bfloat16 and got == torch.bfloat16
         assert p.reason == f"bf16: CPU has {feature}; channels-last"
     else:
         assert p.name == "fp32" and p.autocast_dtype is None and got == torch.float32
-        assert isinstance(autocast_context(torch.device("cpu")), nullcontext)
+        assert isinstance(Precision.for_device(torch.device("cpu")).autocast(), nullcontext)
         assert p.reason.startswith("fp32: cpu has no native bf16")
     device_mod._precision.cache_clear()
     monkeypatch.setenv("PCAMTOOL_AMP", "0")
@@ -72,7 +72,7 @@ def test_native_bf16_probe_matches_cpu_flags():
     if not cpuinfo.exists():
         pytest.skip("no /proc/cpuinfo to compare with (not Linux)")
     flags = set(cpuinfo.read_text().split())
-    assert device_mod.cpu_has_native_bf16() == bool({"avx512_bf16", "amx_tile"} & flags)
+    assert (device_mod.cpu_bf16_feature() is not None) == bool({"avx512_bf16", "amx_tile"} & flags)
 
 
 def fake_gpu(monkeypatch, cap, archs=("sm_70", "sm_75", "sm_80", "sm_86", "sm_90", "compute_90")):
@@ -145,10 +145,10 @@ def test_fp16_precision_enables_the_scaler():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_autocast_on_cuda_follows_the_generation():
     dev = resolve_device("cuda")
-    with autocast_context(dev):
+    with Precision.for_device(dev).autocast():
         y = torch.ones(4, 4, device=dev) @ torch.ones(4, 4, device=dev)
     want = torch.bfloat16 if torch.cuda.get_device_capability(dev) >= (8, 0) else torch.float16
-    assert y.dtype == want and use_channels_last(dev)
+    assert y.dtype == want and Precision.for_device(dev).channels_last
 
 
 def test_cpu_channels_last_can_be_forced_off(monkeypatch, fresh_precision):

@@ -50,3 +50,25 @@ def test_eda_cli_on_unlabelled_folder(tmp_path):
     assert (tmp_path / "out" / "samples.png").read_bytes()[:8] == PNG
     r = CliRunner().invoke(cli, ["-q", "eda", str(tmp_path / "nope")])
     assert r.exit_code == 1
+
+
+def test_outlier_figure_shows_every_kind_it_counts(tmp_path, monkeypatch):
+    """30 glass patches listed before 2 near-black ones: the figure still shows the near-black ones."""
+    import pcamtool.eda as eda
+
+    x = tissue(40)
+    x[:30] = 245
+    x[35:37] = 5
+    ids = [f"{i:040x}" for i in range(40)]
+    drawn = {}
+    real_save = eda._save
+
+    def keep(fig, path, force):
+        drawn[path.name] = [ax.get_title() for ax in fig.axes]
+        return real_save(fig, path, force)
+
+    monkeypatch.setattr(eda, "_save", keep)
+    run_eda(x, None, ids, tmp_path / "eda")
+    titles = drawn["outliers.png"]
+    assert len(titles) == 24
+    assert sum("black" in t for t in titles) == 2 and sum("white" in t for t in titles) == 22

@@ -141,3 +141,64 @@ def test_centre_pool_sees_the_centre_and_is_dihedral_invariant():
     x = torch.randn(2, 4, 6, 6)
     for k in range(8):
         assert torch.allclose(pool(dihedral(x, k)), pool(x), atol=1e-6)
+
+
+# ------------------------------------------------ timm is an extra: its absence is one line
+
+_WITHOUT_TIMM = (
+    "import sys\n"
+    "sys.modules['timm'] = None; sys.modules['torchvision'] = None  # as if not installed (a no-op where absent)\n"
+    "from pcamtool.cli import main\n"
+    "sys.argv = ['pcamtool'] + sys.argv[1:]\n"
+    "main()\n")
+
+
+def _pcamtool_without_timm(*args: str, cwd) -> "subprocess.CompletedProcess[str]":
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, "-c", _WITHOUT_TIMM, *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
+
+
+@pytest.mark.slow
+def test_timm_arch_without_timm_is_one_line_naming_the_extra(tmp_path):
+    """train and cv of --arch timm:NAME without timm/torchvision: one line naming pcamtool[timm], exit 1.
+
+    Runs where timm is installed (absence simulated) and in CI's torch-2.13 venv (really absent).
+    """
+    from helpers import write_kaggle
+
+    from pcamtool import pack
+
+    write_kaggle(tmp_path, n=20)
+    store = pack(tmp_path / "train", progress=False).path
+    common = ["--epochs", "1", "--max-train", "8", "--batch-size", "8", "--device", "cpu", "--threads", "1"]
+    for cmd in (["train", str(store), "--arch", "timm:resnet18", "-o", str(tmp_path / "run")] + common,
+                ["cv", str(store), "--arch", "timm:resnet18", "--folds", "2", "-o", str(tmp_path / "cv")] + common):
+        r = _pcamtool_without_timm("-q", *cmd, cwd=tmp_path)
+        assert r.returncode == 1, (cmd[0], r.stdout, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in r.stderr, (cmd[0], r.stderr)
+        assert "timm:resnet18 needs timm and torchvision" in lines[0] and "pip install 'pcamtool[timm]'" in lines[0]
+    # everything else still works without timm: a built-in CNN trains
+    r = _pcamtool_without_timm("-q", "train", str(store), "--arch", "plain4", "--model-arg", "width=4",
+                               "-o", str(tmp_path / "plain"), *common, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "plain" / "best.pt").is_file()
+
+
+def test_models_imports_no_timm_and_one_prefix():
+    import subprocess
+    import sys
+
+    code = ("import sys, pcamtool.models as m, pcamtool.zoo_timm as z, pcamtool.jsonutil as j\n"
+            "assert m.TIMM_PREFIX is z.PREFIX == 'timm:'\n"
+            "assert m.jsonable is j.jsonable and z.jsonable is j.jsonable\n"
+            "assert 'timm' not in sys.modules and 'torchvision' not in sys.modules\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert models.jsonable({"a": (1, (2, 3))}) == {"a": [1, [2, 3]]}

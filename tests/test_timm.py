@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-timm = pytest.importorskip("timm", reason="timm is an optional extra (pip install timm torchvision)")
+# the `timm` extra: CI's venv beside a user's torch (no timm) deselects these with -m "not timm"
+pytestmark = pytest.mark.timm
+timm = pytest.importorskip("timm", reason="timm is an optional extra (pip install 'pcamtool[timm]')")
 
 from pcamtool.contract import Classifier, ProbabilityModel  # noqa: E402
 from pcamtool.errors import ModelError  # noqa: E402
@@ -232,7 +234,8 @@ def test_timm_is_imported_only_for_timm_names():
                 "try:\n    m.create_model('timm:resnet10t')\n"
                 "except m.ModelError as e:\n    print(e)\n")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("timm models need timm and torchvision: install timm") and r.stdout.count("\n") == 1
+    assert r.stdout == ("timm:resnet10t needs timm and torchvision (timm is not installed): "
+                        "pip install 'pcamtool[timm]'\n")
 
 
 def test_no_internet_for_hub_weights_is_one_line(tmp_path):
@@ -302,3 +305,112 @@ def test_pretrained_option_freezes_the_backbone_first_and_keeps_the_networks_sta
     assert torch.equal(trained[conv], file_sd[conv])             # frozen in epoch 1
     head = [k for k in trained if k.startswith("fc.") and k.endswith("weight")]
     assert head and trained[head[0]].shape[0] == 1               # one class
+
+
+# ------------------------------------------- what hostile users tripped on (issue 24): one line each
+
+
+def test_unreadable_weights_files_are_one_line(tmp_path):
+    files = {"random.safetensors": os.urandom(4096), "empty.pth": b""}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    torch.save(torch.randn(4), tmp_path / "one.pth")
+    torch.save({"epoch": 3, "note": "no tensors"}, tmp_path / "meta.pth")
+    expect = {"random.safetensors": "not a readable safetensors file: ",
+              "empty.pth": "empty weights file (0 bytes)",
+              "one.pth": "holds one tensor, not a state dict",
+              "meta.pth": "holds a dict, not a state dict"}
+    for name, words in expect.items():
+        with pytest.raises(ModelError) as info:
+            create_model(NAME, pretrained=str(tmp_path / name))
+        msg = str(info.value)
+        assert msg.startswith(str(tmp_path / name) + ": ") and words in msg and "\n" not in msg, msg
+
+
+def test_zero_byte_pretrained_on_the_command_line_is_one_line_not_aborted(tmp_path):
+    from click.testing import CliRunner
+    from helpers import write_kaggle
+
+    from pcamtool import pack
+    from pcamtool.cli import cli
+
+    write_kaggle(tmp_path, n=20)
+    store = pack(tmp_path / "train", progress=False).path
+    (tmp_path / "w.pth").write_bytes(b"")
+    r = CliRunner().invoke(cli, ["-q", "train", str(store), "--arch", NAME, "--pretrained", str(tmp_path / "w.pth"),
+                                 "--epochs", "1", "--max-train", "8", "--device", "cpu", "-o", str(tmp_path / "run")])
+    assert r.exit_code == 1, r.output
+    assert "Aborted" not in r.output and "Traceback" not in r.output
+    assert r.output.strip().splitlines() == [f"Error: {tmp_path / 'w.pth'}: empty weights file (0 bytes)"]
+
+
+def test_an_input_size_the_network_cannot_take_is_one_line():
+    # a hybrid ViT asserts its patch grid while being built; the error names the option and the native size
+    with pytest.raises(ModelError, match=r"^timm:vit_tiny_r_s16_p8_224 cannot be built for 97x97 inputs "
+                                         r"\(--img-size 97\): AssertionError; try --img-size 224"):
+        create_model("timm:vit_tiny_r_s16_p8_224", img_size=97)
+    # a network that builds but fails on its first batch fails at build time instead, with the same words
+    from pcamtool import zoo_timm
+
+    class Picky(torch.nn.Module):
+        def forward(self, x):
+            if x.shape[-1] % 16:  # as timm's patch embedding does (a bare assert there)
+                raise AssertionError
+            return x.mean((2, 3))[:, :1]  # one logit per image, as num_classes=1 gives
+
+    with pytest.raises(ModelError, match=r"^timm:picky cannot take 97x97 inputs \(--img-size 97\): AssertionError$"):
+        zoo_timm._check_input_size(TimmBackbone(Picky(), 97), "timm:picky", None)
+    zoo_timm._check_input_size(TimmBackbone(Picky(), 128), "timm:picky", None)  # a size it takes passes
+    assert create_model("timm:vit_tiny_patch16_224", img_size=97)(torch.zeros(1, 3, 96, 96)).shape == (1,)
+
+
+def test_proxy_without_internet_fails_fast_in_one_line(tmp_path):
+    """A proxy that cannot be reached: one line within seconds, not ~50 s of hub retries."""
+    code = ("import time\n"
+            "from pcamtool.models import create_model, ModelError\n"
+            "import timm\n"
+            "t = time.perf_counter()\n"
+            "try:\n    create_model('timm:resnet10t', pretrained=True)\n"
+            "except ModelError as e:\n    print(e)\n"
+            "print(round(time.perf_counter() - t, 1))\n")
+    r = _run_py(code, HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9", https_proxy="",
+                http_proxy="", HF_HOME=str(tmp_path / "hf"), TORCH_HOME=str(tmp_path / "torch"))
+    assert r.returncode == 0, r.stderr
+    message, seconds = r.stdout.strip().splitlines()
+    assert message.startswith("timm:resnet10t: cannot download the pretrained weights (no internet here?)")
+    assert float(seconds) < 15, seconds
+    assert "retry" not in r.stderr.lower() and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_without_timm_export_of_a_timm_run_is_one_line_and_its_onnx_still_infers(tmp_path):
+    """The extra is needed to rebuild a timm network (export), not to run its ONNX file (infer)."""
+    from click.testing import CliRunner
+    from helpers import write_kaggle
+
+    from pcamtool import pack
+    from pcamtool.cli import cli
+
+    write_kaggle(tmp_path, n=20)
+    store = pack(tmp_path / "train", progress=False).path
+    run = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["-q", "train", str(store), "--arch", NAME, "--epochs", "1", "--max-train", "8",
+                                 "--batch-size", "8", "--device", "cpu", "--threads", "1", "-o", str(run)])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["-q", "export", str(run), "-o", str(tmp_path / "m.onnx"), "--provider", "cpu"])
+    assert r.exit_code == 0, r.output
+    hide = "import sys\nsys.modules['timm'] = None; sys.modules['torchvision'] = None\n"
+    main = "from pcamtool.cli import main\nsys.argv = ['pcamtool'] + sys.argv[1:]\nmain()\n"
+
+    def without_timm(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", hide + main, "-q", *args], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+    r = without_timm("export", str(run), "-o", str(tmp_path / "again.onnx"), "--provider", "cpu")
+    assert r.returncode == 1 and not (tmp_path / "again.onnx").exists(), r.stderr
+    assert r.stderr.strip().splitlines() == [f"Error: {NAME} needs timm and torchvision (timm is not installed): "
+                                             f"pip install 'pcamtool[timm]'"], r.stderr
+    r = without_timm("infer", str(store), "--model", str(tmp_path / "m.onnx"), "--tta", "2", "--provider", "cpu")
+    assert r.returncode == 0, r.stderr
+    rows = r.stdout.strip().splitlines()
+    assert rows[0] == "id,label" and len(rows) == 21

@@ -56,7 +56,8 @@ def test_resume_with_more_epochs_replans_the_schedule(store, done, tmp_path):
 def test_resume_refuses_other_changes_in_one_line(store, done, tmp_path):
     run = copy_run(done, tmp_path / "run")
     with pytest.raises(PcamError, match=r"^--resume: cannot change --lr, STORE on resume \(the run was trained "
-                                        r"with --lr 0.003, STORE .*\); start a new run with another -o instead$"):
+                                        r"with --lr 0.003, STORE .*\); only --device, .*, --epochs, --patience, --export may change: "
+                                        r"start a new run with another -o instead$"):
         fit(TrainConfig(), resume=run, progress=False, overrides={"lr": 0.1, "store": str(tmp_path / "other.h5")})
     with pytest.raises(PcamError, match=r"cannot change --hed on resume \(the run was trained with --hed False\)"):
         fit(TrainConfig(), resume=run, progress=False, overrides={"augment": {"hed": True}, "patience": 2})
@@ -254,3 +255,62 @@ def test_train_killed_mid_run_resumes_to_the_uninterrupted_metrics(store, tmp_pa
     assert [[row[k] for k in keys] for row in read_metrics(run)] == \
            [[row[k] for k in keys] for row in read_metrics(full.run_dir)]
     assert not list(run.glob(".*.partial"))  # the killed run's temporary was cleaned up
+
+
+def test_fit_reads_its_cfg_on_resume(store, done, tmp_path):
+    """``fit(cfg, resume=RUN)`` used to ignore ``cfg``: what it sets differently now counts as given."""
+    run = copy_run(done, tmp_path / "run")
+    with pytest.raises(PcamError, match=r"cannot change --lr on resume \(the run was trained with --lr 0.003\)"):
+        fit(tiny(store, run, epochs=2, lr=0.1), resume=run, progress=False)
+    res = fit(tiny(store, run, epochs=2, threads=2), resume=run, progress=False)
+    assert res.last_epoch == 2 and [r["epoch"] for r in read_metrics(run)] == ["1", "2"]
+    assert json.loads((run / "config.json").read_text())["threads"] == 2
+
+
+def test_checkpoint_validation_rows_are_the_rows_training_scored(store, tmp_path, monkeypatch):
+    """One split: the rows ``evaluate`` saw in training are the ones ``Checkpoint.validation_rows`` rebuilds."""
+    from pcamtool.io.store import open_store
+    from pcamtool.train.checkpoint import Checkpoint
+
+    seen: list[np.ndarray] = []
+    real = loop.evaluate
+
+    def spy(net, loader, autocast, dist=None):
+        seen.append(np.sort(np.concatenate([b.index for b in loader])))
+        return real(net, loader, autocast, dist)
+
+    monkeypatch.setattr(loop, "evaluate", spy)
+    run = fit(tiny(store, tmp_path / "run", epochs=1, folds=4, fold=2, max_train=40), progress=False).run_dir
+    ck = Checkpoint.load(run / "best.pt")
+    rows = ck.validation_rows(open_store(store))
+    assert len(seen) == 1 and np.array_equal(np.sort(rows), seen[0])
+    train_rows = ck.split(open_store(store))[0]
+    assert len(train_rows) == 40 and not set(train_rows) & set(rows)
+
+
+def test_resume_refuses_a_store_restained_with_the_same_count(tmp_path):
+    from pcamtool import pack
+
+    store_path = learnable_store(tmp_path, n=40)
+    run = fit(tiny(store_path, tmp_path / "run", epochs=1), progress=False).run_dir
+    pack(tmp_path / "train", out=store_path, stain="reinhard", force=True, progress=False)   # same 40 rows
+    with pytest.raises(PcamError, match=r"packed with stain normalization 'reinhard'.*normalized with 'none'"):
+        fit(tiny(store_path, run, epochs=2), resume=run, progress=False)
+    assert [r["epoch"] for r in read_metrics(run)] == ["1"]
+
+
+def test_a_second_train_into_the_same_folder_is_refused(store, done, tmp_path):
+    """While one run holds the folder (the lock pack takes), another train or --resume into it is one line."""
+    from pcamtool.errors import BusyError
+    from pcamtool.io.fsutil import output_lock
+
+    run = copy_run(done, tmp_path / "run")
+    with output_lock(tmp_path / "new"):   # what a running 'train -o new' holds
+        with pytest.raises(BusyError, match=r"new: being written by another process \(pid \d+\)"):
+            fit(tiny(store, tmp_path / "new"), progress=False)
+    assert not (tmp_path / "new").exists()
+    before = (run / "last.pt").stat().st_mtime_ns
+    with output_lock(run):
+        with pytest.raises(BusyError, match="being written by another process"):
+            fit(tiny(store, run, epochs=2), resume=run, progress=False)
+    assert (run / "last.pt").stat().st_mtime_ns == before

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from pcamtool.errors import PcamError
-from pcamtool.tta import dihedral, dihedral_batch, dihedral_inverse, dihedral_np, tta_mean, tta_transforms
+from pcamtool.tta import (TTA_CHOICES, _FH, _FW, _T, dihedral, dihedral_batch, dihedral_inverse, dihedral_np,
+                          remap, tta_graph, tta_mean, tta_transforms)
 
 
 def batch(n: int = 6, seed: int = 0) -> torch.Tensor:
@@ -136,3 +137,97 @@ def test_tta_mean_calls_once_per_transform_and_averages():
 
 
 # --------------------------------------------------------------- augmentation
+
+
+# ------------------------------------------------------- the exact TTA sets and the graph
+
+
+def test_tta_sets_are_the_documented_flips_and_turns():
+    """Each TTA set pinned by what it does to an image, computed with plain flips (not the numbering)."""
+    x = batch(1, seed=3)
+    flips = {"identity": x, "flip W": x.flip(-1), "flip H": x.flip(-2), "half turn": x.flip(-2).flip(-1)}
+
+    def named(n: int) -> list[str]:
+        out = []
+        for k in tta_transforms(n):
+            out += [name for name, want in flips.items() if torch.equal(dihedral(x, k), want)]
+        return out
+
+    assert tta_transforms(1) == [0] and named(1) == ["identity"]
+    assert tta_transforms(2) == [0, 4] and named(2) == ["identity", "flip W"]
+    assert tta_transforms(4) == [0, 2, 4, 6]
+    assert sorted(named(4)) == sorted(flips)  # the Klein four-group: no quarter turn, no transpose
+    assert tta_transforms(8) == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert TTA_CHOICES == (1, 2, 4, 8)
+
+
+def test_each_k_matches_its_transpose_and_flip_form():
+    """The (transpose, flip H, flip W) table the graph and the gather use agrees with flip-then-rotate."""
+    x = batch(1, seed=4)
+    for k in range(8):
+        y = x.transpose(-2, -1) if _T[k] else x
+        y = y.flip(-2) if _FH[k] else y
+        y = y.flip(-1) if _FW[k] else y
+        want = torch.rot90(x.flip(-1) if k >= 4 else x, k % 4, (-2, -1))
+        assert torch.equal(y, want), k
+        assert torch.equal(dihedral(x, k), want), k
+        assert np.array_equal(dihedral_np(x.numpy(), k, axes=(2, 3)), want.numpy()), k
+    assert [dihedral_inverse(k) for k in range(8)] == [0, 3, 2, 1, 4, 5, 6, 7]
+    for bad in (8, -1, 2.0, "1"):
+        with pytest.raises(PcamError, match="0..7"):
+            dihedral_inverse(bad)  # type: ignore[arg-type]
+    assert dihedral_inverse(np.int64(1)) == 3
+
+
+def test_remap_is_a_shift_then_a_dihedral_transform():
+    import torch.nn.functional as F
+
+    x = batch(8, seed=5)
+    ks = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
+    shifts = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 2], [6, 5, 4, 3, 2, 1, 0, 2]])
+    out = remap(x, ks, shifts, 3)
+    padded = F.pad(x, (3, 3, 3, 3), mode="reflect")
+    for i in range(8):
+        a, b = int(shifts[0, i]), int(shifts[1, i])
+        crop = padded[i:i + 1, :, a:a + 96, b:b + 96]
+        assert torch.equal(out[i:i + 1], dihedral(crop, int(ks[i]))), i
+    assert torch.equal(remap(x, None, None, 0), x)
+    with pytest.raises(PcamError, match="square"):
+        remap(torch.zeros(1, 3, 8, 6), None, None, 0)
+
+
+def test_tta_graph_averages_the_model_over_the_chosen_copies():
+    """The ONNX graph wrapper gives the same mean as tta_mean over the same ks (opset 17 and 18)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    def score_model(opset: int) -> onnx.ModelProto:
+        # an orientation-dependent score: the sum of a corner block of channel 0
+        g = helper.make_graph(
+            [helper.make_node("Slice", ["images", "s", "e", "ax"], ["block"]),
+             helper.make_node("Cast", ["block"], ["blockf"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceSum", ["blockf", "axes"], ["score"], keepdims=0)],
+            "score", [helper.make_tensor_value_info("images", TensorProto.UINT8, ["b", 96, 96, 3])],
+            [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["b"])],
+            [helper.make_tensor("s", TensorProto.INT64, [3], [0, 0, 0]),
+             helper.make_tensor("e", TensorProto.INT64, [3], [10, 5, 1]),
+             helper.make_tensor("ax", TensorProto.INT64, [3], [1, 2, 3]),
+             helper.make_tensor("axes", TensorProto.INT64, [3], [1, 2, 3])])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+    nhwc = torch.randint(0, 256, (3, 96, 96, 3), dtype=torch.uint8, generator=gen(2)).numpy()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return x[:, :10, :5, 0].astype(np.float64).sum((1, 2))
+
+    for opset in (17, 18):
+        for n in (1, 2, 4, 8):
+            model = tta_graph(score_model(opset), tta_transforms(n))
+            onnx.checker.check_model(model)
+            sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+            got = sess.run(None, {"images": nhwc})[0]
+            assert got.shape == (3,)
+            np.testing.assert_allclose(got, tta_mean(run, nhwc, tta_transforms(n)), rtol=1e-6)
+    with pytest.raises(PcamError, match="opset >= 10"):
+        tta_graph(score_model(9), [0])

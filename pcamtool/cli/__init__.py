@@ -41,7 +41,7 @@ def cli(quiet: bool) -> None:
 
 # The commands register themselves on ``cli``; their modules import only click
 # at the top, so ``pcamtool --help`` loads no numba, h5py, torch or onnxruntime.
-from . import data, predict, train  # noqa: E402,F401
+from . import data, interpret, predict, slide, train  # noqa: E402,F401
 
 
 def main() -> None:

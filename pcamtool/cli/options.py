@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any, Callable
 
 import click
@@ -15,12 +14,20 @@ INTERRUPTED_EXIT = 130  # 128 + SIGINT, what shells report for a Ctrl-C'd comman
 def handle_errors(fn: Callable) -> Callable:
     """Map library errors to one clear line and exit status 1, Ctrl-C to one line and 130 (no traceback).
 
-    ``PCAMTOOL_DEBUG=1`` lets the traceback through, for bug reports.
+    ``PCAMTOOL_DEBUG=1`` lets the traceback through, for bug reports. Every
+    on/off variable (:mod:`pcamtool.envflags`) is checked first: a value
+    that is not one is refused in one line before any work.
     """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if os.environ.get("PCAMTOOL_DEBUG"):
+        from ..envflags import check_env_flags, env_flag
+
+        try:
+            check_env_flags()
+        except PcamError as exc:
+            raise click.ClickException(str(exc)) from None
+        if env_flag("PCAMTOOL_DEBUG"):
             return fn(*args, **kwargs)
         try:
             return fn(*args, **kwargs)
@@ -47,6 +54,16 @@ def progress_enabled() -> bool:
     ctx = click.get_current_context()
     return not ctx.find_root().params.get("quiet", False)
 
+
+# Bounds of numbers a user types, checked where they are parsed (click then names the option):
+# a seed seeds numpy's generators, which take 0 .. 2**32 - 1 (a larger or negative one was a
+# traceback); 10,000 epochs is weeks of training on the full Kaggle set, so more is a typo.
+MAX_SEED = 2**32 - 1
+MAX_EPOCHS = 10_000
+MAX_SYNTH = 10_000_000   # patches per split for synth: 45x the Kaggle train set, ~280 GB of tifs
+SEED = click.IntRange(0, MAX_SEED)
+EPOCHS = click.IntRange(1, MAX_EPOCHS)
+SYNTH_COUNT = click.IntRange(0, MAX_SYNTH)
 
 force_option = click.option("--force", is_flag=True, help="Overwrite an existing output.")
 skip_bad_option = click.option("--skip-bad", is_flag=True,

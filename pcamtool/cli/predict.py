@@ -7,8 +7,9 @@ from pathlib import Path
 
 import click
 
-from . import cli, log
+from . import cli
 from .options import force_option, handle_errors, progress_enabled, skip_bad_option
+from ..constants import AVERAGES, DEFAULT_TTA, PROVIDERS, TTA_CHOICES
 from ..errors import PcamError
 
 
@@ -25,7 +26,7 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None):
 
 
 provider_option = click.option(
-    "--provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto", show_default=True,
+    "--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True,
     help="onnxruntime provider (auto: TensorRT, CUDA, then CPU: the best that loads here).")
 
 
@@ -40,6 +41,8 @@ provider_option = click.option(
 @click.option("--calibration-images", type=click.IntRange(64), default=2048, show_default=True,
               help="Training images that calibrate --int8.")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset.")
+@click.option("--tta", "tta_default", type=click.Choice([str(k) for k in TTA_CHOICES]), default=None,
+              help=f"TTA that 'infer' applies to this model when given no --tta (default {DEFAULT_TTA}).")
 @click.option("--store", "store_path", type=click.Path(path_type=Path), default=None,
               help="Store whose images check (and calibrate --int8) the export "
                    "(default: the one the model was trained on).")
@@ -47,17 +50,17 @@ provider_option = click.option(
 @force_option
 @handle_errors
 def export(source: Path | None, out: Path | None, fp16: bool, int8: bool, calibration_images: int, opset: int,
-           store_path: Path | None, provider: str, force: bool) -> None:
+           tta_default: str | None, store_path: Path | None, provider: str, force: bool) -> None:
     """Export a run (default: the latest run's best.pt) to ONNX, checked against PyTorch.
 
     The parity check runs on --provider: the one 'infer' will use (the CPU for --int8).
     """
     from ..export import export_onnx
 
-    res = export_onnx(source, out, fp16=fp16, opset=opset, store_path=store_path, force=force,
-                      provider=provider, int8=int8, calibration_images=calibration_images)
-    log.info("wrote %s (parity %.1e on %d images, %s)", res.path, res.max_abs_diff, res.checked_images,
-             res.provider)
+    # export_onnx logs its one line ("exported CKPT -> OUT (max |onnx - torch| ...)").
+    export_onnx(source, out, fp16=fp16, opset=opset, store_path=store_path, force=force,
+                provider=provider, int8=int8, calibration_images=calibration_images,
+                tta_default=int(tta_default) if tta_default else None)
 
 
 @cli.command()
@@ -65,10 +68,11 @@ def export(source: Path | None, out: Path | None, fp16: bool, int8: bool, calibr
 @click.option("-m", "--model", "models", multiple=True, type=click.Path(path_type=Path),
               help="ONNX model(s), or a 'pcamtool cv' folder (all its folds); several are averaged "
                    "(default: the latest run's model.onnx).")
-@click.option("--average", type=click.Choice(["mean", "rank"]), default="mean", show_default=True,
+@click.option("--average", type=click.Choice(AVERAGES), default="mean", show_default=True,
               help="How an ensemble is combined: mean probability, or mean normalized rank (not with --shard).")
-@click.option("--tta", type=click.Choice(["1", "2", "4", "8"]), default=None,
-              help="Dihedral test-time augmentations averaged per image (default: the model's, 8).")
+@click.option("--tta", type=click.Choice([str(k) for k in TTA_CHOICES]), default=None,
+              help=f"Dihedral test-time augmentations averaged per image (default: the model's tta_default, "
+                   f"{DEFAULT_TTA} unless 'export --tta' set another).")
 @click.option("--batch-size", type=click.IntRange(1, 65536), default=256, show_default=True,
               help="Images per onnxruntime call (on the CPU each TTA copy is one more call).")
 @provider_option
@@ -86,7 +90,11 @@ def export(source: Path | None, out: Path | None, fp16: bool, int8: bool, calibr
 def infer(src: Path | None, models: tuple[Path, ...], average: str, tta: str | None, batch_size: int,
           provider: str, out: Path | None, shard, sample: Path | None, workers: int | None, skip_bad: bool,
           force: bool) -> None:
-    """Predict tumour probabilities: writes a Kaggle submission (id,label) to stdout."""
+    """Predict tumour probabilities: writes a Kaggle submission (id,label) to stdout.
+
+    SRC is a folder of .tif patches or a store made by 'pcamtool pack'
+    (default: data/test if it exists, else data/test.h5; the one read is logged).
+    """
     from ..infer import write_submission
 
     write_submission(src, list(models) or None, out, sample, tta=int(tta) if tta else None,
@@ -114,17 +122,21 @@ def merge(shards: tuple[Path, ...], sample: Path | None, out: Path | None, force
 
 @cli.command()
 @click.argument("submission", type=click.Path(path_type=Path))
-@click.option("--labels", required=True, type=click.Path(path_type=Path), help="Answer key: id,label CSV.")
+@click.option("--labels", required=True, type=click.Path(path_type=Path),
+              help="Answer key: id,label CSV, or a labelled store (e.g. a packed PCam test split).")
 @click.option("--roc", type=click.Path(path_type=Path), default=Path("roc.png"), show_default=True,
               help="Where to draw the ROC curve.")
+@click.option("--reliability", type=click.Path(path_type=Path), default=None,
+              help="Where to draw the reliability diagram (calibration)  [default: reliability.png beside --roc].")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON on stdout.")
 @force_option
 @handle_errors
-def evaluate(submission: Path, labels: Path, roc: Path, as_json: bool, force: bool) -> None:
-    """Score a submission against labels: ROC AUC, accuracy, confusion matrix, roc.png."""
+def evaluate(submission: Path, labels: Path, roc: Path, reliability: Path | None, as_json: bool, force: bool) -> None:
+    """Score a submission against labels: ROC AUC, accuracy, calibration (ECE, Brier), roc.png, reliability.png."""
     from ..evaluate import evaluate_submission
 
-    report = evaluate_submission(submission, labels, roc_png=roc, force=force)
+    report = evaluate_submission(submission, labels, roc_png=roc, force=force,
+                                 reliability_png=reliability or roc.with_name("reliability.png"))
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())
 
 

@@ -19,13 +19,16 @@ from .fsutil import atomic_path, utf8_ok
 
 
 def read_id_table(path: str | os.PathLike, value: str = "label", kind: str = "labels",
-                  as_float: bool = False) -> dict[str, float]:
+                  as_float: bool = False, probabilities: bool = False) -> dict[str, float]:
     """Read an ``id,<value>`` CSV into a dict, in file order.
 
     Parameters
     ----------
     as_float
         Values are probabilities (submissions) instead of 0/1 labels.
+    probabilities
+        With ``as_float``: every value must lie in [0, 1] (pcamtool's own
+        predictions; scores to rank, as ``evaluate`` takes, need not).
 
     Raises
     ------
@@ -71,6 +74,8 @@ def read_id_table(path: str | os.PathLike, value: str = "label", kind: str = "la
         if as_float:
             if not math.isfinite(val):
                 raise LabelsError(f"{path}: line {line}: {value} {raw!r} is not finite")
+            if probabilities and not 0.0 <= val <= 1.0:
+                raise LabelsError(f"{path}: line {line}: {value} {raw!r} is not a probability (0 to 1)")
         elif val not in (0.0, 1.0):
             raise LabelsError(f"{path}: line {line}: {value} {raw!r} is not 0 or 1")
         if key in table:

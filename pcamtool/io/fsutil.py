@@ -22,7 +22,7 @@ import os
 import re
 import secrets
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 from ..errors import BusyError, ExistsError, PcamError
 
@@ -292,3 +292,99 @@ def atomic_path(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
             if problem is not None:
                 raise PcamError(f"{final}: cannot write ({problem}); nothing was written") from None
             raise
+
+
+@contextlib.contextmanager
+def atomic_paths(paths: Sequence[str | os.PathLike], force: bool = False) -> Iterator[dict[Path, Path]]:
+    """:func:`atomic_path` for outputs that belong together: yields ``{final: temporary}``.
+
+    Every output is locked for the whole block and renamed onto its name
+    only when the block succeeds, so a run killed half-way leaves none of
+    them (only temporaries, which the next run removes) and the same command
+    then starts afresh, instead of being refused for the outputs it had
+    already finished.
+
+    Raises
+    ------
+    ExistsError, BusyError, PcamError
+        As :func:`atomic_path`, for the first output concerned.
+    """
+    finals = [Path(p) for p in paths]
+    for final in finals:
+        check_writable(final, force)
+        _make_parent(final)
+    with contextlib.ExitStack() as locks:
+        for final in finals:
+            locks.enter_context(output_lock(final))
+        for final in finals:
+            check_writable(final, force)  # another run may have finished them just before us
+            remove_dead_temps(final)
+        tmps = {final: temp_name(final) for final in finals}
+        try:
+            yield tmps
+            for final, tmp in tmps.items():  # each rename is atomic; together they take microseconds
+                os.replace(tmp, final)
+        except BaseException as exc:
+            for tmp in tmps.values():
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+            for final, tmp in tmps.items():
+                problem = write_problem(exc, tmp)
+                if problem is not None:
+                    raise PcamError(f"{final}: cannot write ({problem}); nothing was written") from None
+            raise
+
+
+class WholeWrites:
+    """A binary file whose ``write`` writes everything or raises ``OSError`` naming the file.
+
+    For writers in C++ that take a Python file object: ``torch.save`` to a
+    file name reports a full disk as ``[enforce fail at inline_container.cc:672]
+    ... unexpected pos`` or ``basic_ios::clear: iostream error``; through this
+    object the ``OSError`` (ENOSPC, EDQUOT, ...) reaches the caller, and
+    :func:`atomic_path` turns it into one line naming the output. (torch
+    turns an exception raised in ``write`` into that same ``RuntimeError``,
+    so the first failed write is kept and raised in its place on exit.)
+
+    Example::
+
+        with atomic_path("runs/x/best.pt", force=True) as tmp, WholeWrites(tmp) as f:
+            torch.save(state, f)
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+        self._f = open(self.path, "wb", buffering=0)
+        self.error: Optional[OSError] = None
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        try:
+            while done < len(view):
+                # FileIO writes what fits and returns the count; the next call raises the reason
+                done += self._f.write(view[done:]) or 0
+        except OSError as exc:
+            self.error = self.error or OSError(exc.errno, exc.strerror, self.path)
+            raise self.error from None
+        return len(view)
+
+    def flush(self) -> None:
+        pass  # unbuffered
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self._f.seek(pos, whence)
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> "WholeWrites":
+        return self
+
+    def __exit__(self, exc_type: object, exc: Optional[BaseException], tb: object) -> None:
+        self.close()
+        if exc is not None and self.error is not None and exc is not self.error:
+            raise self.error from None  # the real reason, not the writer's report of it

@@ -218,7 +218,8 @@ def pack(src: str | os.PathLike, labels: Optional[str | os.PathLike] = None,
     if not tifs:
         raise PcamError(f"{src}: no usable images left")
 
-    stain_tf, stain_meta = _stain_setup(stain, stain_reference, tifs, workers or cpu_threads())
+    stain_tf, stain_meta = _stain_setup(stain, stain_reference, len(tifs), _tif_sample(tifs),
+                                        workers or cpu_threads(), "the packed folder")
     if stain_tf is not None:
         transform = stain_tf if transform is None else (lambda f, g: (lambda x: g(f(x))))(stain_tf, transform)
 
@@ -324,9 +325,24 @@ def _write_store(tmp: Path, src: Path, paths: list[str], stems: list[str], y: np
 REFERENCE_SAMPLE = 2048  # patches the stain reference is fitted on
 
 
-def _stain_setup(method: str, reference_store: Optional[str | os.PathLike], paths: list[str],
-                 workers: int) -> tuple[Optional[BatchTransform], dict]:
-    """The stain-normalizing transform and its description for the store."""
+def _tif_sample(paths: list[str]) -> Callable[[np.ndarray], np.ndarray]:
+    """Decode the tifs at the positions asked for (unreadable ones left out): a stain reference's sample."""
+    def read(pick: np.ndarray) -> np.ndarray:
+        sample = np.empty((len(pick), 96, 96, 3), np.uint8)
+        errors = read_into([paths[i] for i in pick], sample)
+        return sample[[e is None for e in errors]]
+    return read
+
+
+def _stain_setup(method: str, reference_store: Optional[str | os.PathLike], count: int,
+                 read_sample: Callable[[np.ndarray], np.ndarray], workers: int,
+                 where: str) -> tuple[Optional[BatchTransform], dict]:
+    """The stain-normalizing transform and its description for the store.
+
+    Without ``reference_store`` the reference is fitted on
+    ``read_sample(rows)``: up to :data:`REFERENCE_SAMPLE` of the ``count``
+    source images, spread evenly, in increasing order (``where`` names them in the log).
+    """
     if method == "none":
         if reference_store is not None:
             raise PcamError("--stain-reference needs --stain reinhard or --stain macenko")
@@ -349,12 +365,154 @@ def _stain_setup(method: str, reference_store: Optional[str | os.PathLike], path
         idx = np.unique(np.linspace(0, len(ref_store) - 1, min(REFERENCE_SAMPLE, len(ref_store))).astype(np.int64))
         sample, where = ref_store.gather(idx), str(reference_store)
     else:
-        pick = np.unique(np.linspace(0, len(paths) - 1, min(REFERENCE_SAMPLE, len(paths))).astype(np.int64))
-        sample = np.empty((len(pick), 96, 96, 3), np.uint8)
-        errors = read_into([paths[i] for i in pick], sample)
-        sample = sample[[e is None for e in errors]]
-        where = "the packed folder"
+        pick = np.unique(np.linspace(0, count - 1, min(REFERENCE_SAMPLE, count)).astype(np.int64))
+        sample = read_sample(pick)
     ref = fit_reference(sample, method)
     log.info("stain normalization: %s toward a reference from %d patches of %s", method, len(sample), where)
     return (lambda images: normalize(images, ref, workers=workers)), ref.to_dict()
 
+
+
+# ---- PatchCamelyon's published files -------------------------------------------------
+
+def default_pcam_store_path(x: Path, split: str) -> Path:
+    """``.../camelyonpatch_level_2_split_valid_x.h5.gz`` packs to ``.../pcam_valid.h5`` beside it."""
+    return x.parent / f"pcam_{split}.h5"
+
+
+def pack_pcam(src: str | os.PathLike, split: Optional[str] = None, out: Optional[str | os.PathLike] = None,
+              chunk: int = 512, compression: str = "none", force: bool = False, stain: str = "none",
+              stain_reference: Optional[str | os.PathLike] = None, transform: Optional[BatchTransform] = None,
+              workers: Optional[int] = None, progress: bool = True) -> PackResult:
+    """Pack one split of the PCam benchmark (``_x.h5[.gz]`` + ``_y`` + ``_meta.csv``) into a store.
+
+    The store is the ordinary one (:mod:`pcamtool.io.store`) with ids
+    ``pcam-<split>-<row>``, labels from ``y``, and the meta CSV kept as its
+    :class:`~pcamtool.io.store.PatchMeta` (format version 2), so training
+    splits it by slide. Pixels are copied bit for bit (unless ``stain``),
+    read in the source's chunk order on a helper thread while the main
+    thread sums the channel statistics and writes the previous block; a
+    ``.gz`` is decompressed as a stream, once (twice with ``stain`` and no
+    ``stain_reference``: the reference sample is a pass of its own).
+
+    Parameters
+    ----------
+    src
+        The split's ``_x.h5`` or ``_x.h5.gz``, or the folder holding the
+        files (then ``split`` says which).
+    out
+        Store path; default ``pcam_<split>.h5`` beside the x file.
+    chunk, compression, force, stain, stain_reference, transform, workers
+        As in :func:`pack` (``workers``: stain normalization threads).
+
+    Raises
+    ------
+    PcamError
+        Missing or malformed files, named (see :class:`~pcamtool.io.pcam.PcamSource`);
+        an output that exists, is being written, or cannot be written.
+    Interrupted
+        Ctrl-C (nothing was written).
+    """
+    from .pcam import PcamSource, find_split
+
+    t0 = time.perf_counter()
+    if compression not in COMPRESSIONS:
+        raise PcamError(f"unknown compression {compression!r} (choose from {', '.join(COMPRESSIONS)})")
+    if chunk < 1:
+        raise PcamError(f"--chunk must be at least 1, got {chunk}")
+    files = find_split(src, split)
+    out_path = Path(out) if out is not None else default_pcam_store_path(files.x, files.split)
+    check_writable(out_path, force)
+    with PcamSource(files) as source:
+        stain_tf, stain_meta = _stain_setup(stain, stain_reference, source.n, source.read_rows,
+                                            workers or cpu_threads(), str(files.x))
+        if stain_tf is not None:
+            transform = stain_tf if transform is None else (lambda f, g: (lambda x: g(f(x))))(stain_tf, transform)
+        provenance = {"source": str(files.x.resolve()), "labels_source": str(files.y.resolve()),
+                      "stain": json.dumps(stain_meta)}
+        message = f"{out_path}: pack interrupted, nothing written (the same command starts it again)"
+        with _deferred_interrupt() as interrupted, atomic_path(out_path, force=force) as tmp:
+            mean, std = _write_pcam_store(tmp, source, chunk=chunk, compression=compression, transform=transform,
+                                          progress=progress, provenance=provenance,
+                                          stop=lambda: _stop_if(interrupted(), message))
+        n, n_pos = source.n, int((source.labels == 1).sum())
+    return PackResult(out_path, n, n_pos, 0, tuple(mean), tuple(std), [], time.perf_counter() - t0)
+
+
+def _prefetched(source, depth: int = 2) -> Iterator[tuple[int, np.ndarray]]:
+    """``source``'s blocks in order, each read on a helper thread ``depth`` blocks ahead of its use.
+
+    A block's array is reused once the consumer asks for the next one.
+    Closing the generator waits for the read under way (the file stays
+    open until then).
+    """
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .store import SHAPE
+
+    rows = source.block_rows
+    starts = range(0, source.n, rows)
+    bufs = [np.empty((min(rows, source.n), *SHAPE), np.uint8) for _ in range(depth + 1)]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pcam-read") as pool:
+        pending: deque = deque()
+        nxt = 0
+
+        def submit() -> None:
+            nonlocal nxt
+            pending.append((starts[nxt], pool.submit(source.read_into, starts[nxt], bufs[nxt % len(bufs)])))
+            nxt += 1
+
+        try:
+            while nxt < len(starts) and len(pending) < depth:
+                submit()
+            while pending:
+                start, fut = pending.popleft()
+                block = fut.result()
+                yield start, block
+                if nxt < len(starts):
+                    submit()
+        finally:
+            for _, fut in pending:
+                fut.cancel()
+
+
+def _write_pcam_store(tmp: Path, source, *, chunk: int, compression: str, transform: Optional[BatchTransform],
+                      progress: bool, provenance: dict, stop: Callable[[], None]) -> tuple[np.ndarray, np.ndarray]:
+    """Copy ``source`` (a :class:`~pcamtool.io.pcam.PcamSource`) into a complete store at ``tmp``; returns (mean, std)."""
+    sums = np.zeros(3, np.uint64)
+    sqsums = np.zeros(3, np.uint64)
+    n = source.n
+    keep = np.ones(source.block_rows, np.bool_)
+    with StoreWriter(tmp, n, chunk, compression) as writer, \
+            progress_bar(total=n, desc=f"pack {source.files.split}", enabled=progress) as bar:
+        blocks = _prefetched(source)
+        with contextlib.closing(blocks):
+            for _, images in blocks:
+                stop()
+                if transform is not None:
+                    images = np.ascontiguousarray(transform(images))  # the kernel reads rows of bytes
+                channel_sums(images, keep[:len(images)], sums, sqsums)
+                writer.write(images)
+                bar.update(len(images))
+        source.verify()  # a .gz: the rest of the stream, its CRC and length
+        mean, std = channel_stats(sums, sqsums, n)
+        labels = source.labels
+        attrs = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "pcamtool_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **provenance,
+            "count": n,
+            "n_positive": int((labels == 1).sum()),
+            "n_unlabelled": 0,
+            "mean": mean,
+            "std": std,
+            "options": json.dumps({"chunk": writer.chunk, "compression": compression, "skip_bad": False,
+                                   "pcam_split": source.files.split}),
+            "skipped": "[]",
+        }
+        stop()
+        writer.finish(list(source.ids), labels, attrs, meta=source.meta)
+    return mean, std

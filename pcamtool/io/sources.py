@@ -7,7 +7,7 @@ the current one is used).
 
 Example::
 
-    src = open_source("data/test", shard=(0, 4))
+    src = ImageSource("data/test", shard=(0, 4))
     for images, errors in src.batches(256):
         ...
 """
@@ -15,12 +15,33 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
 import numpy as np
 
 from ..errors import BadImageError, PcamError
 from ..system import cpu_threads
+
+if TYPE_CHECKING:
+    from ..stain import StainReference
+
+
+def shard_slice(n_items: int, i: int, n: int) -> slice:
+    """The items of shard ``i`` of ``n`` (0-based) out of ``n_items``.
+
+    Shards are contiguous, disjoint, cover every item, and differ in size by
+    at most one.
+
+    Raises
+    ------
+    PcamError
+        ``n < 1``, ``i`` outside ``0 .. n-1`` or ``n_items < 0``.
+    """
+    if n < 1 or not 0 <= i < n:
+        raise PcamError(f"shard {i}/{n}: need n >= 1 and 0 <= i < n")
+    if n_items < 0:
+        raise PcamError(f"cannot shard {n_items} items")
+    return slice(i * n_items // n, (i + 1) * n_items // n)
 
 
 def named_folder(folder: Path) -> Path:
@@ -70,8 +91,6 @@ class ImageSource:
             items = list(range(len(ids)))
             if not ids:
                 raise PcamError(f"{self.src}: store is empty")
-        from ..submission import shard_slice
-
         sl = shard_slice(len(ids), *shard) if shard else slice(None)
         self.ids: list[str] = ids[sl]
         self.items: list[Any] = items[sl]
@@ -79,9 +98,11 @@ class ImageSource:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def stain(self) -> dict:
+    def stain(self) -> "StainReference":
         """The stain normalization the images carry (tifs: none)."""
-        return self.store.stain() if self.store is not None else {"method": "none"}
+        from ..stain import StainReference
+
+        return StainReference.from_dict(self.store.stain() if self.store is not None else None)
 
     def labels(self) -> Optional[np.ndarray]:
         """int8 labels per id (-1 unknown), or ``None`` where there are none at all."""

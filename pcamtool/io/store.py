@@ -1,6 +1,7 @@
 """The pcamtool store: one chunked HDF5 file of patches, labels and ids.
 
-Format ``pcamtool-store`` version 1 (public, see README):
+Format ``pcamtool-store`` version 1 (public, see README), or version 2 when
+the store also says where each patch came from (packed from PCam's files):
 
 * ``images``  uint8 (N, 96, 96, 3), chunked along the first axis,
   uncompressed by default so readers can memory-map the chunks;
@@ -11,7 +12,13 @@ Format ``pcamtool-store`` version 1 (public, see README):
   (float64 (3,), of pixels/255, exact over the whole set), ``count``,
   ``n_positive``, ``n_unlabelled``, ``pcamtool_version``, ``created``,
   ``source``, ``labels_source``, ``options`` (JSON), ``skipped`` (JSON list of
-  ``[file, problem]``), ``stain`` (JSON of the stain normalization applied).
+  ``[file, problem]``), ``stain`` (JSON of the stain normalization applied);
+* version 2 adds the group ``meta`` (:class:`PatchMeta`): ``slide`` (UTF-8
+  strings (N,), the whole-slide image of each row), ``coord_y`` and
+  ``coord_x`` (int64 (N,), where the patch was cut) and ``tumor_patch``
+  (int8 (N,), tumour anywhere in the patch, where ``labels`` looks at the
+  centre only). A store without it is written as version 1, byte for byte
+  what earlier pcamtool versions read; both versions open here.
 
 Training reads batches through :meth:`Store.gather`, which copies rows out of
 a memory map of the file at the chunks' byte offsets: h5py's own fancy
@@ -47,7 +54,9 @@ from .store_checks import as_int, check_contents
 from ..kernels.stats import copy_rows
 
 FORMAT = "pcamtool-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2           # the newest this pcamtool writes (only for stores with PatchMeta)
+PLAIN_VERSION = 1            # what a store without PatchMeta is written as
+READ_VERSIONS = (1, 2)
 SHAPE = (96, 96, 3)
 ROW_BYTES = int(np.prod(SHAPE))
 COMPRESSIONS = ("none", "lzf", "gzip")
@@ -62,6 +71,62 @@ def channel_stats(sums: np.ndarray, sqsums: np.ndarray, count: int) -> tuple[np.
     mean = np.array([int(s) / n for s in sums]) / 255.0
     var = np.array([int(q) / n for q in sqsums]) / 255.0**2 - mean**2
     return mean, np.sqrt(np.maximum(var, 0.0))
+
+
+@dataclass(frozen=True)
+class PatchMeta:
+    """Where each row of a store came from: its slide, the patch's coordinates, tumour anywhere in it.
+
+    The slide is what keeps validation honest: neighbouring patches of one
+    slide look alike, so a split that puts one slide on both sides
+    overestimates (:func:`pcamtool.train.split.resolve_groups`).
+    """
+
+    slide: np.ndarray         # str (N,)
+    coord_y: np.ndarray       # int64 (N,)
+    coord_x: np.ndarray       # int64 (N,)
+    tumor_patch: np.ndarray   # bool (N,)
+
+    def __len__(self) -> int:
+        return len(self.slide)
+
+    def to_h5(self, f: h5py.File) -> None:
+        """Write the ``meta`` group of a store."""
+        g = f.create_group("meta")
+        raw = [s.encode("utf-8") for s in self.slide]
+        g.create_dataset("slide", data=np.array(raw, dtype=h5py.string_dtype("utf-8", max([len(b) for b in raw] + [1]))))
+        g.create_dataset("coord_y", data=np.asarray(self.coord_y, np.int64))
+        g.create_dataset("coord_x", data=np.asarray(self.coord_x, np.int64))
+        g.create_dataset("tumor_patch", data=np.asarray(self.tumor_patch, np.int8))
+
+    @classmethod
+    def from_h5(cls, path: Path, f: h5py.File, n: int) -> Optional["PatchMeta"]:
+        """The ``meta`` group of an open store (None when it has none); checks lengths and values."""
+        g = f.get("meta")
+        if g is None:
+            return None
+        try:
+            slide = _read_ids(path, g["slide"])
+            arrays = [np.asarray(g[k][...]).reshape(-1) for k in ("coord_y", "coord_x", "tumor_patch")]
+        except KeyError as exc:
+            raise StoreError(f"{path}: incomplete meta group (missing {exc})") from None
+        except UnicodeDecodeError:
+            raise StoreError(f"{path}: meta/slide is not valid UTF-8 text") from None
+        except (OSError, AttributeError, TypeError) as exc:
+            raise StoreError(f"{path}: damaged meta group ({exc})") from None
+        for name, arr in zip(("slide", "coord_y", "coord_x", "tumor_patch"), [slide, *arrays]):
+            if len(arr) != n:
+                raise StoreError(f"{path}: meta/{name} has {len(arr)} rows, the images {n}")
+        for name, arr in zip(("coord_y", "coord_x", "tumor_patch"), arrays):
+            if arr.dtype.kind not in "iub":
+                raise StoreError(f"{path}: meta/{name} is {arr.dtype}, expected integers")
+        if not np.isin(arrays[2], (0, 1)).all():
+            raise StoreError(f"{path}: meta/tumor_patch holds values other than 0 and 1")
+        return cls(slide, arrays[0].astype(np.int64), arrays[1].astype(np.int64), arrays[2].astype(bool))
+
+    def take(self, rows: np.ndarray) -> "PatchMeta":
+        """The rows ``rows``, in that order."""
+        return PatchMeta(self.slide[rows], self.coord_y[rows], self.coord_x[rows], self.tumor_patch[rows])
 
 
 class StoreWriter:
@@ -87,14 +152,21 @@ class StoreWriter:
         self._file = h5py.File(self._raw, "w", libver=("earliest", "v110"), track_order=False,
                                rdcc_nbytes=self.chunk * ROW_BYTES + 2**20, rdcc_w0=1.0)
         self._fd: Optional[int] = None
-        if compression == "none":
-            self.images = self._create_preallocated(n)
-        else:
-            kw: dict[str, Any] = {"compression": "lzf"} if compression == "lzf" else \
-                {"compression": "gzip", "compression_opts": 4, "shuffle": True}
-            self.images = self._file.create_dataset(
-                "images", shape=(n, *SHAPE), dtype=np.uint8, chunks=(self.chunk, *SHAPE),
-                maxshape=(None, *SHAPE), **kw)  # resizable: skipped files shrink it
+        try:
+            if compression == "none":
+                self.images = self._create_preallocated(n)
+            else:
+                kw: dict[str, Any] = {"compression": "lzf"} if compression == "lzf" else \
+                    {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+                self.images = self._file.create_dataset(
+                    "images", shape=(n, *SHAPE), dtype=np.uint8, chunks=(self.chunk, *SHAPE),
+                    maxshape=(None, *SHAPE), **kw)  # resizable: skipped files shrink it
+        except BaseException:
+            # No __exit__ runs for a constructor that raised: an HDF5 file left
+            # open is closed at interpreter exit, after its Python file object,
+            # and that segfaulted (a full disk refusing the preallocation).
+            self.close(check=False)
+            raise
         self._written = 0
 
     def _create_preallocated(self, n: int) -> h5py.Dataset:
@@ -195,8 +267,12 @@ class StoreWriter:
             row += take
             done += take
 
-    def finish(self, ids: Sequence[str], labels: np.ndarray, attrs: dict[str, Any]) -> None:
-        """Write ids (as UTF-8), labels and root attributes; rows written must equal ``n``."""
+    def finish(self, ids: Sequence[str], labels: np.ndarray, attrs: dict[str, Any],
+               meta: Optional[PatchMeta] = None) -> None:
+        """Write ids (as UTF-8), labels, root attributes and ``meta``; rows written must equal ``n``.
+
+        Sets ``format_version``: 2 with ``meta``, else 1 (what older readers know).
+        """
         if self._written != self.n:
             raise StoreError(f"{self.path}: {self._written} of {self.n} rows written")
         try:
@@ -207,6 +283,11 @@ class StoreWriter:
         width = max([len(b) for b in raw] + [1])
         self._file.create_dataset("ids", data=np.array(raw, dtype=h5py.string_dtype("utf-8", width)))
         self._file.create_dataset("labels", data=np.asarray(labels, np.int8))
+        if meta is not None:
+            if len(meta) != self.n:
+                raise StoreError(f"{self.path}: meta of {len(meta)} rows for a store of {self.n}")
+            meta.to_h5(self._file)
+        attrs = {**attrs, "format": FORMAT, "format_version": FORMAT_VERSION if meta is not None else PLAIN_VERSION}
         for k, v in attrs.items():
             self._file.attrs[k] = v
 
@@ -244,9 +325,15 @@ class Store:
     _mmap: Optional[mmap.mmap] = field(default=None, repr=False)
     _end: int = 0                           # bytes the map needs: the end of the last chunk
     _ram: Optional[np.ndarray] = field(default=None, repr=False)
+    meta: Optional[PatchMeta] = field(default=None, repr=False)   # format version 2 only
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def groups(self) -> Optional[np.ndarray]:
+        """The slide id of every row (str (N,)), or None for a store that does not know them."""
+        return self.meta.slide if self.meta is not None else None
 
     @property
     def mean(self) -> np.ndarray:
@@ -297,7 +384,11 @@ class Store:
                 self._ram = self.gather(np.arange(len(self)))
             else:
                 with h5py.File(self.path, "r") as f:
-                    self._ram = f["images"][...]
+                    try:
+                        self._ram = f["images"][...]
+                    except OSError as exc:  # h5py's message names no file: say which store
+                        raise StoreError(f"{self.path}: damaged store, its images cannot be read "
+                                         f"({exc}); repack it") from None
         return self._ram
 
     def _check_size(self) -> None:
@@ -324,19 +415,44 @@ class Store:
         Compressed stores are read a block at a time through h5py (not
         decompressed whole into RAM, as :meth:`load` does).
         """
-        if self._map is not None or self._ram is not None:
+        if self._ram is not None:
             for a in range(0, len(self), size):
-                yield a, self.gather(np.arange(a, min(a + size, len(self))))
+                yield a, self._ram[a:a + size]
             return
-        size = max(self.chunk_rows, size - size % self.chunk_rows)  # whole chunks: each decompressed once
+        if self._map is not None:
+            # Read with pread, not through the map: a file truncated while it
+            # is read then gives a short read (an error naming the store), where
+            # a load from the map past the new end kills the process (SIGBUS).
+            with open(self.path, "rb", buffering=0) as fh:
+                for a in range(0, len(self), size):
+                    yield a, self._pread_rows(fh.fileno(), a, min(a + size, len(self)))
+            return
+        if self.compression is not None:
+            size = max(self.chunk_rows, size - size % self.chunk_rows)  # whole chunks: each decompressed once
         with h5py.File(self.path, "r") as f:
             ds = f["images"]
             for a in range(0, len(self), size):
+                b = min(a + size, len(self))
                 try:
-                    block = ds[a:a + size]
+                    block = ds[a:b]
                 except OSError as exc:
-                    raise StoreError(f"{self.path}: damaged chunk in rows {a}..{a + size - 1} ({exc})") from None
+                    raise StoreError(f"{self.path}: damaged chunk in rows {a}..{b - 1} ({exc})") from None
                 yield a, block
+
+    def _pread_rows(self, fd: int, a: int, b: int) -> np.ndarray:
+        """Rows ``a..b-1`` of a mappable store read with ``pread`` (one call per chunk touched)."""
+        assert self._offsets is not None
+        out = np.empty((b - a, ROW_BYTES), np.uint8)
+        row = a
+        while row < b:
+            c, r = divmod(row, self.chunk_rows)
+            take = min(self.chunk_rows - r, b - row)
+            part = out[row - a:row - a + take]
+            if os.preadv(fd, [part], int(self._offsets[c]) + r * ROW_BYTES) != part.nbytes:
+                raise StoreError(f"{self.path}: the file was truncated while in use "
+                                 f"({os.fstat(fd).st_size:,} bytes, row {row} lies beyond)")
+            row += take
+        return out.reshape(b - a, *SHAPE)
 
 
 @dataclass
@@ -411,13 +527,18 @@ def open_store(path: str | os.PathLike, need_labels: bool = False) -> Store:
     except OSError as exc:
         raise StoreError(f"{path}: not a readable HDF5 store (truncated or another format: {exc})") from None
     with f:
-        attrs = {k: (v.decode(errors="replace") if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+        try:
+            attrs = {k: (v.decode(errors="replace") if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+        except (KeyError, OSError, RuntimeError, ValueError, TypeError) as exc:  # e.g. a zeroed tail
+            raise StoreError(f"{path}: damaged store (its attributes cannot be read: "
+                             f"{exc.args[0] if exc.args else exc})") from None
         if attrs.get("format") != FORMAT:
             raise StoreError(f"{path}: not a pcamtool store (format attribute is {attrs.get('format')!r})")
         version = as_int(attrs.get("format_version", -1))
-        if version != FORMAT_VERSION:
+        if version not in READ_VERSIONS:
             raise StoreError(f"{path}: store format version {attrs.get('format_version')}, "
-                             f"this pcamtool reads version {FORMAT_VERSION}")
+                             f"this pcamtool reads versions {', '.join(map(str, READ_VERSIONS))} "
+                             f"(a newer pcamtool wrote it)")
         try:
             ds = f["images"]
             if not isinstance(ds, h5py.Dataset) or ds.shape[1:] != SHAPE or ds.dtype != np.uint8:
@@ -430,16 +551,17 @@ def open_store(path: str | os.PathLike, need_labels: bool = False) -> Store:
             offsets = _chunk_offsets(ds, table) if table is not None else None
             chunk_rows = ds.chunks[0] if ds.chunks else max(n, 1)
             compression = ds.compression
+            meta = PatchMeta.from_h5(path, f, n) if version >= 2 else None
         except KeyError as exc:
             raise StoreError(f"{path}: incomplete store (missing {exc})") from None
         except UnicodeDecodeError:
             raise StoreError(f"{path}: ids are not valid UTF-8 text") from None
-        except (OSError, AttributeError, TypeError) as exc:
+        except (OSError, AttributeError, TypeError, ValueError, RuntimeError) as exc:
             raise StoreError(f"{path}: damaged store ({exc})") from None
     size = os.path.getsize(path)
     check_contents(path, attrs, ids, raw_labels, n,
                    table.offset + table.size if table is not None else None, size)
-    store = Store(path, ids, raw_labels.astype(np.int8), attrs, chunk_rows, compression)
+    store = Store(path, ids, raw_labels.astype(np.int8), attrs, chunk_rows, compression, meta=meta)
     if offsets is not None and len(ids):
         with open(path, "rb") as fh:
             mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
@@ -448,5 +570,10 @@ def open_store(path: str | os.PathLike, need_labels: bool = False) -> Store:
         store._offsets = offsets
         store._end = int(offsets.max()) + chunk_rows * ROW_BYTES
     if need_labels and not store.has_labels:
-        raise StoreError(f"{path}: store has no labels (pack it with a labels CSV)")
+        missing = int((store.labels < 0).sum())
+        if missing == len(store):
+            raise StoreError(f"{path}: store has no labels (none of its {len(store):,} rows; "
+                             f"pack it with a labels CSV)")
+        raise StoreError(f"{path}: {missing:,} of its {len(store):,} rows have no label (label -1); "
+                         f"training needs every row labelled (pack only labelled images)")
     return store

@@ -37,8 +37,10 @@ from ..config import TrainConfig
 from ..errors import PcamError
 from ..io.fsutil import atomic_path
 from ..io.store import Store, open_store
-from .runs import RUNS, build_model, load_checkpoint, new_run_dir
-from .split import make_split, read_groups
+from ..jsonutil import jsonable
+from .checkpoint import Checkpoint, split_rows
+from .resume import MACHINE, check_changes, given_options
+from .runs import RUNS, new_run_dir, run_lock
 
 log = logging.getLogger("pcamtool")
 
@@ -48,8 +50,9 @@ MARKER = "cv_fold.json"
 PREDICTIONS = "val_predictions.csv"
 FORMAT = "pcamtool-cv"
 PREDICT_BATCH = 256
-# Options that may differ when a cv run is continued: where and how fast it runs.
-_RESUMABLE = ("device", "threads", "cache", "compile", "export", "out")
+# Options every fold sets for itself (out, fold, export), and where and how fast it runs: not part of
+# what makes two cv runs the same run.
+_PER_RUN = MACHINE + ("export", "out", "fold")
 
 
 @dataclass(frozen=True)
@@ -81,21 +84,27 @@ def _cv_dir_name(arch: str) -> str:
 
 
 def _comparable(cfg: TrainConfig) -> dict[str, Any]:
-    d = json.loads(json.dumps(cfg.to_dict()))
-    for key in _RESUMABLE + ("fold",):
+    d = jsonable(cfg.to_dict())
+    for key in _PER_RUN:
         d.pop(key, None)
     return d
 
 
-def open_cv_dir(cfg: TrainConfig, folds: int, out: Optional[Path], resume: bool) -> tuple[TrainConfig, int, Path]:
+def open_cv_dir(cfg: TrainConfig, folds: int, out: Optional[Path], resume: bool,
+                overrides: Optional[dict[str, Any]] = None) -> tuple[TrainConfig, int, Path]:
     """The config, fold count and folder of a new or continued cv run (``cv_config.json`` written or checked).
+
+    With ``resume`` the saved config is the run's; the options given
+    (``overrides``, else what ``cfg`` sets differently) may change only
+    where and how fast it runs (:data:`pcamtool.train.resume.MACHINE`, the
+    policy of :func:`pcamtool.train.resume.check_changes`).
 
     Raises
     ------
     PcamError
-        ``resume`` of a folder that is not a cv run; an existing cv folder
-        started with other options (the first differing one named); a
-        non-empty folder that is not a cv run.
+        ``resume`` of a folder that is not a cv run, or with an option that
+        may not change; an existing cv folder started with other options
+        (the first differing one named); a non-empty folder that is not a cv run.
     """
     from ..config import flag
 
@@ -109,9 +118,10 @@ def open_cv_dir(cfg: TrainConfig, folds: int, out: Optional[Path], resume: bool)
         except (ValueError, KeyError, TypeError) as exc:
             raise PcamError(f"{path}: not a pcamtool cv config ({type(exc).__name__})") from None
         if resume:
-            # where and how fast may change on a continued run; what is learnt may not
-            keep = {k: getattr(cfg, k) for k in _RESUMABLE if k != "out"}
-            return replace(saved_cfg, **keep), saved_folds, cv_dir
+            given = overrides if overrides is not None else given_options(cfg, saved_cfg)
+            given = {k: v for k, v in given.items() if k not in ("out", "export")}   # cv sets these per fold
+            changed = check_changes(saved_cfg, given, cv_dir, allowed=MACHINE, what=f"--resume {cv_dir}")
+            return replace(saved_cfg, **changed), saved_folds, cv_dir
         mine, theirs = _comparable(cfg), _comparable(saved_cfg)
         diff = [k for k in theirs if mine.get(k) != theirs.get(k)]
         if saved_folds != folds:
@@ -128,27 +138,36 @@ def open_cv_dir(cfg: TrainConfig, folds: int, out: Optional[Path], resume: bool)
     if cv_dir.exists() and (not cv_dir.is_dir() or any(cv_dir.iterdir())):
         raise PcamError(f"{cv_dir}: exists and is not a cv run folder (choose another -o)")
     cv_dir.mkdir(parents=True, exist_ok=True)
-    record = {"format": FORMAT, "folds": folds, "config": json.loads(json.dumps(replace(cfg, out=None).to_dict()))}
+    record = {"format": FORMAT, "folds": folds, "config": jsonable(replace(cfg, out=None).to_dict())}
     with atomic_path(path, force=True) as tmp:
         tmp.write_text(json.dumps(record, indent=2))
     return cfg, folds, cv_dir
 
 
 def fold_rows(cfg: TrainConfig, store: Store, folds: int, fold: int) -> np.ndarray:
-    """The store rows fold ``fold`` validates on: the split :func:`~pcamtool.train.fit` makes."""
-    groups = read_groups(cfg.groups, store.ids) if cfg.groups else None
-    return make_split(store.labels, cfg.val_frac, cfg.seed, folds, fold, groups)[1]
+    """The store rows fold ``fold`` validates on: the split :func:`~pcamtool.train.fit` makes (:func:`split_rows`)."""
+    return split_rows(replace(cfg, folds=folds, fold=fold, val_store=None), store)[1]
 
 
-def predict_rows(checkpoint: Path, store: Store, rows: np.ndarray, device: torch.device,
+def predict_rows(checkpoint: Path | Checkpoint, store: Store, rows: np.ndarray, device: torch.device,
                  batch_size: int = PREDICT_BATCH) -> np.ndarray:
-    """Probabilities of ``store`` rows ``rows`` from a checkpoint, fp32, no TTA."""
-    net = build_model(load_checkpoint(checkpoint)).to(device)
+    """Probabilities of ``store`` rows ``rows`` (any order, repeats allowed) from a checkpoint, fp32, no TTA.
+
+    ``out[j]`` is the probability of row ``rows[j]``. Each batch is read in
+    ascending row order (the store reads fastest that way) and its results
+    are put back in the order asked for.
+    """
+    ck = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.load(checkpoint)
+    net = ck.build_model().to(device)
+    rows = np.asarray(rows, np.int64)
     out = np.empty(len(rows), np.float64)
     with torch.no_grad():
         for s in range(0, len(rows), batch_size):
-            images = torch.from_numpy(store.gather(np.sort(rows[s:s + batch_size]))).to(device)
-            out[s:s + batch_size] = torch.sigmoid(net(images).float()).cpu().numpy()
+            part = rows[s:s + batch_size]
+            order = np.argsort(part, kind="stable")
+            images = torch.from_numpy(store.gather(part[order])).to(device)
+            probs = torch.sigmoid(net(images).float()).cpu().numpy()
+            out[s + order] = probs   # the j-th sorted row is part[order[j]]: its result goes back there
     return out
 
 
@@ -197,7 +216,7 @@ def _export(fold_dir: Path, store_path: str) -> Path:
 
 
 def run_cv(cfg: TrainConfig, folds: Optional[int] = None, out: Optional[str | Path] = None, resume: bool = False,
-           export: bool = True, progress: bool = True) -> CvResult:
+           export: bool = True, progress: bool = True, overrides: Optional[dict[str, Any]] = None) -> CvResult:
     """Train, predict and export every fold of a K-fold split of ``cfg.store``; write cv.json and cv.csv.
 
     Parameters
@@ -212,8 +231,12 @@ def run_cv(cfg: TrainConfig, folds: Optional[int] = None, out: Optional[str | Pa
         The cv folder (default ``cfg.out``, else ``runs/<time>-cv-<arch>``).
         A folder holding a cv run with the same options is continued.
     resume
-        Continue the cv run in ``out`` with its own saved options (only
-        device, threads, cache and compile are taken from ``cfg``).
+        Continue the cv run in ``out`` with its own saved options; only
+        device, threads, cache and compile may change (given in ``overrides``,
+        or set differently in ``cfg``); any other change is refused.
+    overrides
+        With ``resume``: the options the user gave
+        (:meth:`TrainConfig.from_options`); None compares ``cfg`` instead.
     export
         Export each fold's ``best.pt`` to ``fold<i>/model.onnx`` (with the
         parity check of :func:`pcamtool.export.export_onnx`).
@@ -223,15 +246,27 @@ def run_cv(cfg: TrainConfig, folds: Optional[int] = None, out: Optional[str | Pa
     PcamError
         ``cfg.val_store`` (cv splits the store itself), a bad store or
         options, a mismatched cv folder, anything :func:`fit` raises.
+    BusyError
+        Another ``pcamtool cv`` is running into the same folder.
     """
-    from ..device import resolve_device
-    from ..evaluate import binary_metrics
-
     t0 = time.perf_counter()
     if cfg.val_store:
         raise PcamError("--val-store replaces the split, but cv validates on folds of the store: drop --val-store")
     k = folds if folds is not None else cfg.folds if cfg.folds is not None else DEFAULT_FOLDS
-    cfg, k, cv_dir = open_cv_dir(cfg, k, Path(out) if out is not None else None, resume)
+    if cfg.fold != 0 or "fold" in (overrides or {}):
+        raise PcamError(f"--fold {cfg.fold}: cv trains every fold (drop --fold; 'pcamtool train --folds K "
+                        f"--fold I' trains one)")
+    target = Path(out) if out is not None else Path(cfg.out) if cfg.out else new_run_dir(_cv_dir_name(cfg.arch), RUNS)
+    with run_lock(target, create=not resume):   # a second cv into the same folder is refused while this one runs
+        cfg, k, cv_dir = open_cv_dir(cfg, k, target, resume, overrides)
+        return _run_folds(cfg, k, cv_dir, export, progress, t0)
+
+
+def _run_folds(cfg: TrainConfig, k: int, cv_dir: Path, export: bool, progress: bool, t0: float) -> CvResult:
+    """Train, predict and export each fold not done yet; write the reports (:func:`run_cv`, holding the lock)."""
+    from ..device import resolve_device
+    from ..evaluate import binary_metrics
+
     store = open_store(cfg.store, need_labels=True)
     device = resolve_device(cfg.device)
     results: list[FoldResult] = []
@@ -290,7 +325,7 @@ def _write_reports(res: CvResult, cfg: TrainConfig, k: int, m: dict[str, float],
                           "val_auc": _num(f.val_auc), "val_rows": f.val_rows, "run_dir": str(f.run_dir),
                           "onnx": str(f.onnx) if f.onnx else None} for f in res.folds],
         "seconds": round(res.seconds, 1),
-        "config": json.loads(json.dumps(cfg.to_dict())),
+        "config": jsonable(cfg.to_dict()),
     })
 
 

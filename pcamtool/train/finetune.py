@@ -167,11 +167,5 @@ def apply_epoch(model: nn.Module, epoch: int, recipe: Recipe) -> Optional[bool]:
     return frozen if frozen != was else None
 
 
-def trainable_fraction(model: nn.Module) -> float:
-    """Share of the parameters that get gradients now (for the log)."""
-    total = sum(p.numel() for p in model.parameters())
-    return sum(p.numel() for p in model.parameters() if p.requires_grad) / max(total, 1)
-
-
 __all__ = ["PRETRAINED_RECIPE", "Recipe", "SCRATCH_RECIPE", "apply_epoch", "default_recipe", "frozen_in_epoch",
-           "head_module", "param_groups", "set_backbone_frozen", "trainable_fraction"]
+           "head_module", "param_groups", "set_backbone_frozen"]

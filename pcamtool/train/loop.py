@@ -14,7 +14,6 @@ Example::
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -35,16 +34,17 @@ from ..contract import Classifier, to_float01
 from ..device import Precision, resolve_device
 from ..errors import Interrupted, PcamError, TrainingError
 from ..io.store import Store, open_store
+from ..jsonutil import jsonable
 from ..models import create_model, model_normalization, without_pretrained
 from ..progress import progress_bar
+from ..stain import StainReference
 from ..system import cpu_threads
+from .checkpoint import Checkpoint, split_rows
 from .data import Batch, BatchLoader, RowSource, resolve_cache
-from .finetune import apply_epoch, param_groups, recipe_for
+from .finetune import Recipe, apply_epoch, param_groups, recipe_for
 from .parts import EMA, Dist, LossScaler, create_optimizer, create_schedule
 from .resume import restore, resume_config, training_state
-from .runs import (discard_unfinished, new_run_dir, open_run_dir, plot_curves, save_checkpoint, write_config,
-                   write_metrics)
-from .split import make_split, read_groups
+from .runs import discard_unfinished, new_run_dir, open_run_dir, plot_curves, run_lock, write_config, write_metrics
 
 log = logging.getLogger("pcamtool")
 
@@ -205,18 +205,36 @@ def evaluate(net: torch.nn.Module, loader: BatchLoader, autocast: AbstractContex
     return {"val_loss": m["loss"], "val_auc": m["auc"], "val_acc": m["acc"]}
 
 
+@dataclass
+class Run:
+    """What :func:`fit` assembles before the first epoch: data, model, parts and where it all goes."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    device: torch.device
+    dist: Dist
+    precision: Precision
+    store: Store
+    stain: StainReference          # the store's stain normalization, recorded in every checkpoint
+    train_loader: BatchLoader
+    val_loader: BatchLoader
+    t: Trainer
+    recipe: Recipe
+    cache: str
+    rows: list[dict[str, Any]]     # metrics so far, one row per finished epoch
+    best_auc: float = -1.0
+    best_epoch: int = 0
+    start_epoch: int = 1
+
+
 def _open_data(cfg: TrainConfig) -> tuple[Store, Store, np.ndarray, np.ndarray]:
+    """The training store, the validation store and their rows (:func:`~.checkpoint.split_rows`)."""
     store = open_store(cfg.store, need_labels=True)
+    tr, va = split_rows(cfg, store)
     if cfg.val_store:
         val_store = open_store(cfg.val_store, need_labels=True)
-        tr, va = np.arange(len(store)), np.arange(len(val_store))
-    else:
-        val_store = store
-        groups = read_groups(cfg.groups, store.ids) if cfg.groups else None
-        tr, va = make_split(store.labels, cfg.val_frac, cfg.seed, cfg.folds, cfg.fold, groups)
-    if cfg.max_train is not None and cfg.max_train < len(tr):
-        tr = np.sort(np.random.default_rng(cfg.seed).choice(tr, cfg.max_train, replace=False))
-    return store, val_store, tr, va
+        return store, val_store, tr, np.arange(len(val_store))
+    return store, store, tr, va
 
 
 def fit(cfg: TrainConfig, resume: Optional[str | os.PathLike] = None, progress: bool = True,
@@ -227,14 +245,16 @@ def fit(cfg: TrainConfig, resume: Optional[str | os.PathLike] = None, progress: 
     ----------
     resume
         A run folder whose ``last.pt`` to continue from. The run's own
-        ``config.json`` is the configuration; ``cfg`` is not used.
+        ``config.json`` is the configuration; what ``cfg`` sets differently
+        counts as given options (see ``overrides``), so ``fit(replace(cfg,
+        epochs=20), resume=run)`` trains on to epoch 20.
     overrides
         With ``resume``: the options the user gave explicitly, as
-        :meth:`TrainConfig.from_options` returns them. Those in
-        :data:`~pcamtool.train.resume.RESUMABLE` are applied; any other
-        that differs from the run is refused. With a new ``epochs``
-        the learning rate follows the schedule laid out for the new length
-        from the step the run resumes at.
+        :meth:`TrainConfig.from_options` returns them (then ``cfg`` is not
+        compared). Those in :data:`~pcamtool.train.resume.RESUMABLE` are
+        applied; any other that differs from the run is refused. With a new
+        ``epochs`` the learning rate follows the schedule laid out for the
+        new length from the step the run resumes at.
 
     Raises
     ------
@@ -245,9 +265,17 @@ def fit(cfg: TrainConfig, resume: Optional[str | os.PathLike] = None, progress: 
         Ctrl-C; the message says what was kept and how to continue.
     """
     t_start = time.perf_counter()
-    state: Optional[dict[str, Any]] = None
-    if resume is not None:
-        cfg, state = resume_config(Path(resume), overrides or {})
+    run_dir = Path(resume) if resume is not None else Path(cfg.out) if cfg.out else new_run_dir(cfg.arch.replace(":", "-"))
+    with run_lock(run_dir, create=resume is None):
+        return _fit(cfg, run_dir, resume is not None, progress, overrides, t_start)
+
+
+def _fit(cfg: TrainConfig, run_dir: Path, resuming: bool, progress: bool, overrides: Optional[dict[str, Any]],
+         t_start: float) -> TrainResult:
+    """:func:`fit` inside the run folder's lock."""
+    ck: Optional[Checkpoint] = None
+    if resuming:
+        cfg, ck = resume_config(run_dir, overrides, cfg)
     device = resolve_device(cfg.device)
     torch.set_num_threads(cfg.threads or cpu_threads())
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: let cuDNN time its kernels once
@@ -257,16 +285,27 @@ def fit(cfg: TrainConfig, resume: Optional[str | os.PathLike] = None, progress: 
     data = _open_data(cfg)
     if cfg.epochs is None:  # resolved once; config.json records the number, so --resume keeps it
         cfg = replace(cfg, epochs=auto_epochs(len(data[2])))
-    run_dir = Path(resume) if resume is not None else Path(cfg.out) if cfg.out else new_run_dir(cfg.arch.replace(":", "-"))
-    created = open_run_dir(run_dir) if resume is None and dist.main else False
+    created = open_run_dir(run_dir) if not resuming and dist.main else False
     try:
-        return _run(cfg, state, device, dist, data, run_dir, progress, t_start)
+        run = _build_run(cfg, ck, device, dist, data, run_dir)
+        _loop(run, progress)
+        if cfg.export and dist.main:
+            from ..export import export_onnx
+
+            export_onnx(run_dir / "best.pt", run_dir / "model.onnx", store_path=cfg.store, force=True)
+        last = run.rows[-1]["epoch"] if run.rows else run.start_epoch - 1
+        return TrainResult(run_dir, run.best_auc, run.best_epoch, last, time.perf_counter() - t_start)
     except KeyboardInterrupt:
         if dist.main and discard_unfinished(run_dir, created):
             raise Interrupted("stopped before the first epoch ended, so nothing was kept; "
                               "the same command starts again") from None
         raise Interrupted(f"{run_dir} keeps every finished epoch; "
                           f"continue with: pcamtool train --resume {run_dir}") from None
+    except torch.cuda.OutOfMemoryError:
+        if dist.main:
+            discard_unfinished(run_dir, created)
+        raise TrainingError(f"out of GPU memory at --batch-size {cfg.batch_size}; "
+                            f"try --batch-size {max(1, cfg.batch_size // 2)}") from None
     except BaseException:
         if dist.main:  # a run that never saved a checkpoint leaves nothing behind
             discard_unfinished(run_dir, created)
@@ -275,9 +314,9 @@ def fit(cfg: TrainConfig, resume: Optional[str | os.PathLike] = None, progress: 
         dist.close()
 
 
-def _run(cfg: TrainConfig, state: Optional[dict[str, Any]], device: torch.device, dist: Dist,
-         data: tuple[Store, Store, np.ndarray, np.ndarray], run_dir: Path, progress: bool,
-         t_start: float) -> TrainResult:
+def _build_run(cfg: TrainConfig, ck: Optional[Checkpoint], device: torch.device, dist: Dist,
+               data: tuple[Store, Store, np.ndarray, np.ndarray], run_dir: Path) -> Run:
+    """Loaders, model, optimizer and the rest, restored from ``ck`` (``last.pt``) when resuming; writes config.json."""
     store, val_store, tr_idx, va_idx = data
     precision = Precision.for_device(device)
     cache = resolve_cache(cfg.cache, store, device)
@@ -288,107 +327,98 @@ def _run(cfg: TrainConfig, state: Optional[dict[str, Any]], device: torch.device
     val_loader = BatchLoader(val_source, va_idx, max(256, cfg.batch_size), rank=dist.rank, world=dist.world)
 
     kwargs = cfg.resolved_model_args()
-    model_spec = {"name": cfg.arch, "kwargs": kwargs}
     # a resumed run's weights come from last.pt: never reload (or download) the pretrained file
-    backbone = create_model(cfg.arch, **(kwargs if state is None else without_pretrained(kwargs)))
+    backbone = create_model(cfg.arch, **(kwargs if ck is None else without_pretrained(kwargs)))
     # pretrained networks keep the statistics they were trained with; others use the store's
     mean, std = model_normalization(cfg.arch, kwargs) or (store.mean, store.std)
     net = Classifier(backbone, torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32))
-    if cfg.init_weights and state is None:
+    if cfg.init_weights and ck is None:
         _init_weights(net, cfg.init_weights)
     recipe = recipe_for(cfg, kwargs)
     t = create_trainer(cfg, net, device, precision, cfg.epochs * len(train_loader), dist.rank, recipe.backbone_mult)
-    rows: list[dict[str, Any]] = []
-    best_auc, best_epoch, start_epoch = -1.0, 0, 1
-    if state is not None:
-        restore(t, train_loader, state, run_dir / "last.pt", precision, device)
-        rows = list(state["metrics"])
-        best_auc, best_epoch, start_epoch = state["best_auc"], state["best_epoch"], state["epoch"] + 1
+    run = Run(cfg, run_dir, device, dist, precision, store, StainReference.from_dict(store.stain()),
+              train_loader, val_loader, t, recipe, cache, [])
+    if ck is not None:
+        restore(t, train_loader, ck, run_dir / "last.pt", precision, device)
+        run.rows = list(ck.metrics)
+        run.best_auc, run.best_epoch, run.start_epoch = ck.best_auc, ck.best_epoch, ck.epoch + 1
     t.module = dist.wrap(t.module, device)
     if cfg.compile:
         t.module = torch.compile(t.module)
-
     if dist.main:
         write_config(run_dir / "config.json", {**cfg.to_dict(), "resolved": {
             "device": str(device), "precision": precision.name, "precision_reason": precision.reason,
             "cache": cache, "world_size": dist.world, "train_rows": int(len(tr_idx)), "val_rows": int(len(va_idx)),
-            "model": model_spec, "store_path": str(Path(cfg.store).resolve())}})
+            "model": {"name": cfg.arch, "kwargs": kwargs}, "store_path": str(Path(cfg.store).resolve())}})
         log.info("training %s on %s (%s, %s cache): %d train / %d val images, %d epochs, run %s",
                  cfg.arch, device, precision.reason, cache, len(tr_idx), len(va_idx), cfg.epochs, run_dir)
+    return run
 
-    bad_patience, epoch = 0, start_epoch - 1
-    try:
-        for epoch in range(start_epoch, cfg.epochs + 1):
-            changed = apply_epoch(net, epoch, recipe)
-            if changed is not None and dist.main:
-                log.info("epoch %d: %s", epoch, "head only (backbone frozen)" if changed
-                         else f"all layers (backbone at lr x {recipe.backbone_mult:g})")
-            if changed is not None and dist.world > 1:  # DDP hooks only parameters that require grad
-                t.module = dist.wrap(_Forward01(net), device)
-            bar = progress_bar(total=len(train_loader) * cfg.batch_size, desc=f"epoch {epoch}/{cfg.epochs}",
-                               enabled=progress and dist.main)
-            try:
-                st = train_one_epoch(t, train_loader, bar)
-            finally:  # an interrupted epoch's bar must not swallow the message that follows
-                bar.close()
-            if not math.isfinite(st.loss):
-                last = run_dir / "last.pt"
-                raise TrainingError(f"loss became {st.loss} in epoch {epoch}; try a lower --lr ("
-                                    + (f"last good checkpoint: {last})" if last.exists() else "no checkpoint kept)"))
-            m = evaluate(t.ema.model, val_loader, t.autocast, dist)
-            row = {"epoch": epoch, "train_loss": st.loss, **m, "lr": t.opt.param_groups[0]["lr"],
-                   "img_per_s": st.images * dist.world / st.seconds, "skipped_steps": st.skipped_steps,
-                   "seconds": st.seconds + 0.0}
-            rows.append(row)
-            improved = m["val_auc"] > best_auc
-            if improved:
-                best_auc, best_epoch, bad_patience = m["val_auc"], epoch, 0
-            else:
-                bad_patience += 1
+
+def _loop(run: Run, progress: bool) -> None:
+    """Train and validate from ``run.start_epoch`` to the last epoch (or an early stop), checkpointing each."""
+    cfg, t, dist, net = run.cfg, run.t, run.dist, run.t.net
+    bad_patience = 0
+    for epoch in range(run.start_epoch, cfg.epochs + 1):
+        changed = apply_epoch(net, epoch, run.recipe)
+        if changed is not None and dist.main:
+            log.info("epoch %d: %s", epoch, "head only (backbone frozen)" if changed
+                     else f"all layers (backbone at lr x {run.recipe.backbone_mult:g})")
+        if changed is not None and dist.world > 1:  # DDP hooks only parameters that require grad
+            t.module = dist.wrap(_Forward01(net), run.device)
+        bar = progress_bar(total=len(run.train_loader) * cfg.batch_size, desc=f"epoch {epoch}/{cfg.epochs}",
+                           enabled=progress and dist.main)
+        try:
+            st = train_one_epoch(t, run.train_loader, bar)
+        finally:  # an interrupted epoch's bar must not swallow the message that follows
+            bar.close()
+        if not math.isfinite(st.loss):
+            last = run.run_dir / "last.pt"
+            raise TrainingError(f"loss became {st.loss} in epoch {epoch}; try a lower --lr ("
+                                + (f"last good checkpoint: {last})" if last.exists() else "no checkpoint kept)"))
+        m = evaluate(t.ema.model, run.val_loader, t.autocast, dist)
+        row = {"epoch": epoch, "train_loss": st.loss, **m, "lr": t.opt.param_groups[0]["lr"],
+               "img_per_s": st.images * dist.world / st.seconds, "skipped_steps": st.skipped_steps,
+               "seconds": st.seconds + 0.0}
+        run.rows.append(row)
+        improved = m["val_auc"] > run.best_auc
+        if improved:
+            run.best_auc, run.best_epoch, bad_patience = m["val_auc"], epoch, 0
+        else:
+            bad_patience += 1
+        if dist.main:
+            _save_epoch(run, epoch, improved)
+            log.info("epoch %d/%d  loss %.4f  val_loss %.4f  val_auc %.4f  val_acc %.4f  %.0f img/s  %.1fs%s%s",
+                     epoch, cfg.epochs, row["train_loss"], m["val_loss"], m["val_auc"], m["val_acc"],
+                     row["img_per_s"], row["seconds"],
+                     f"  ({st.skipped_steps} fp16 steps skipped)" if st.skipped_steps else "",
+                     "  *best" if improved else "")
+        dist.barrier()
+        if cfg.patience and bad_patience >= cfg.patience:
             if dist.main:
-                payload = _payload(cfg, model_spec, store, t.ema.model, epoch, rows, best_auc, best_epoch, precision)
-                save_checkpoint(run_dir / "last.pt", {**payload, **training_state(t, train_loader, device)})
-                if improved:
-                    save_checkpoint(run_dir / "best.pt", payload)
-                write_metrics(run_dir / "metrics.csv", rows)
-                plot_curves(run_dir / "curves.png", rows, title=f"{cfg.arch} on {Path(cfg.store).name}")
-                log.info("epoch %d/%d  loss %.4f  val_loss %.4f  val_auc %.4f  val_acc %.4f  %.0f img/s  %.1fs%s%s",
-                         epoch, cfg.epochs, row["train_loss"], m["val_loss"], m["val_auc"], m["val_acc"],
-                         row["img_per_s"], row["seconds"],
-                         f"  ({st.skipped_steps} fp16 steps skipped)" if st.skipped_steps else "",
-                         "  *best" if improved else "")
-            dist.barrier()
-            if cfg.patience and bad_patience >= cfg.patience:
-                if dist.main:
-                    log.info("early stop: no AUC gain for %d epochs", cfg.patience)
-                break
-    except torch.cuda.OutOfMemoryError:
-        raise TrainingError(f"out of GPU memory at --batch-size {cfg.batch_size}; "
-                            f"try --batch-size {max(1, cfg.batch_size // 2)}") from None
-    if cfg.export and dist.main:
-        from ..export import export_onnx
-
-        export_onnx(run_dir / "best.pt", run_dir / "model.onnx", store_path=cfg.store, force=True)
-    return TrainResult(run_dir, best_auc, best_epoch, epoch, time.perf_counter() - t_start)
+                log.info("early stop: no AUC gain for %d epochs", cfg.patience)
+            break
 
 
-def _payload(cfg: TrainConfig, model_spec: dict[str, Any], store: Store, net: torch.nn.Module, epoch: int,
-             rows: list[dict[str, Any]], best_auc: float, best_epoch: int, precision: Precision) -> dict[str, Any]:
-    return {
-        "model": model_spec,
-        "weights": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-        "mean": [float(v) for v in net.normalize.mean],   # what the network was trained with
-        "std": [float(v) for v in net.normalize.std],
-        "stain": store.stain(),
-        "store": {"path": str(Path(cfg.store).resolve()), "count": len(store)},
-        "config": json.loads(json.dumps(cfg.to_dict())),
-        "precision": precision.name,
-        "epoch": epoch,
-        "metrics": rows,
-        "val_auc": rows[-1]["val_auc"],
-        "best_auc": best_auc,
-        "best_epoch": best_epoch,
-    }
+def checkpoint_of(run: Run, epoch: int) -> Checkpoint:
+    """The :class:`Checkpoint` of ``run`` after ``epoch`` (the EMA weights when EMA is on; no training state)."""
+    net = run.t.ema.model
+    return Checkpoint(
+        arch=run.cfg.arch, model_kwargs=run.cfg.resolved_model_args(),
+        mean=[float(v) for v in net.normalize.mean], std=[float(v) for v in net.normalize.std],  # what it trained with
+        weights={k: v.detach().cpu() for k, v in net.state_dict().items()},
+        stain=run.stain, store_path=str(Path(run.cfg.store).resolve()), store_count=len(run.store),
+        config=jsonable(run.cfg.to_dict()), precision=run.precision.name, epoch=epoch, metrics=list(run.rows),
+        val_auc=run.rows[-1]["val_auc"], best_auc=run.best_auc, best_epoch=run.best_epoch)
+
+
+def _save_epoch(run: Run, epoch: int, improved: bool) -> None:
+    ck = checkpoint_of(run, epoch)
+    replace(ck, training_state=training_state(run.t, run.train_loader, run.device)).save(run.run_dir / "last.pt")
+    if improved:
+        ck.save(run.run_dir / "best.pt")
+    write_metrics(run.run_dir / "metrics.csv", run.rows)
+    plot_curves(run.run_dir / "curves.png", run.rows, title=f"{run.cfg.arch} on {Path(run.cfg.store).name}")
 
 
 def _init_weights(net: Classifier, path: str) -> None:

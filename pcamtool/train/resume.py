@@ -7,44 +7,119 @@ random generator. The run's ``config.json`` is the configuration; the
 options in :data:`RESUMABLE` may be given again with new values (with a new
 ``--epochs`` the learning rate follows, from the step the run resumes at,
 the schedule laid out for the new length), any other change is refused in
-one line.
+one line; a continued ``pcamtool cv`` allows only :data:`MACHINE`
+(:func:`check_changes` is the one policy for both). A store replaced by
+another (other row count, other stain normalization) is refused.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Optional, Protocol
 
 import torch
 
-from ..config import AugmentConfig, TrainConfig, flag, option_flags
+from ..config import PATH_FIELDS, AugmentConfig, TrainConfig, flag, option_flags
 from ..device import Precision
 from ..errors import PcamError
 from ..io.store import open_store
+from ..stain import StainReference
+from .checkpoint import Checkpoint
 from .data import BatchLoader
-from .runs import load_checkpoint, load_weights, read_run_config, remove_dead_temporaries
-
-if TYPE_CHECKING:
-    from .loop import Trainer
+from .parts import EMA, LossScaler
+from .runs import load_weights, read_run_config, remove_dead_temporaries
 
 log = logging.getLogger("pcamtool")
 
-# how long the run goes on, and where and how fast it runs: none changes what is learnt per step
-RESUMABLE = ("epochs", "patience", "device", "threads", "cache", "compile", "export")
-_PATHS = ("store", "val_store", "groups", "init_weights")
-# what identifies a run: a last.pt disagreeing with config.json on these is another run's
+# Where and how fast a run goes: none changes what is learnt, so a continued run or cv may change them.
+MACHINE = ("device", "threads", "cache", "compile")
+# A continued training run may also go on longer, stop earlier or export at the end.
+RESUMABLE = MACHINE + ("epochs", "patience", "export")
+# What identifies a run: a last.pt disagreeing with config.json on these is another run's.
 _IDENTITY = ("arch", "model_kwargs", "pretrained", "img_size", "store", "seed", "batch_size", "optimizer")
 
 
-def resume_config(run_dir: Path, overrides: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
-    """The run's own config with the allowed ``overrides`` applied, and its ``last.pt``.
+class Resumable(Protocol):
+    """The parts of a training run that ``last.pt`` saves and restores (:class:`pcamtool.train.loop.Trainer`)."""
+
+    net: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    scaler: LossScaler
+    ema: EMA
+    gen: torch.Generator
+
+
+def given_options(cfg: TrainConfig, run_cfg: TrainConfig) -> dict[str, Any]:
+    """The options of ``cfg`` that differ from the run's own, as overrides (a library caller's ``fit(cfg, resume=...)``).
+
+    Fields ``cfg`` leaves unset (None) count as not given.
+    """
+    out: dict[str, Any] = {}
+    for f in fields(TrainConfig):
+        mine, theirs = getattr(cfg, f.name), getattr(run_cfg, f.name)
+        if f.name == "augment":
+            aug = {a.name: getattr(mine, a.name) for a in fields(AugmentConfig)
+                   if getattr(mine, a.name) != getattr(theirs, a.name)}
+            if aug:
+                out["augment"] = aug
+        elif mine is not None and mine != theirs:
+            out[f.name] = mine
+    return out
+
+
+def check_changes(run_cfg: TrainConfig, overrides: dict[str, Any], run_dir: Path,
+                  allowed: tuple[str, ...] = RESUMABLE, what: str = "--resume") -> dict[str, Any]:
+    """The ``overrides`` that change ``run_cfg``; any outside ``allowed`` is refused in one line.
+
+    The one policy of what may change when a run continues: ``train --resume``
+    allows :data:`RESUMABLE`, a continued ``cv`` only :data:`MACHINE`.
+
+    Raises
+    ------
+    PcamError
+        A change outside ``allowed``, naming the option, the run's value and what to do instead.
+    """
+    def same(key: str, value: Any) -> bool:
+        was = getattr(run_cfg, key, None)
+        if key == "augment":
+            return all(getattr(run_cfg.augment, k, None) == v for k, v in dict(value).items())
+        if key == "out":
+            return value is None or Path(value).resolve() == run_dir.resolve()
+        if key in PATH_FIELDS and value is not None and was is not None:
+            return Path(value).resolve() == Path(was).resolve()
+        return value == was
+
+    known = {f.name for f in fields(TrainConfig)}
+    changed = {k: v for k, v in overrides.items() if not same(k, v)}
+    refused = {k: v for k, v in changed.items() if k not in allowed or k not in known}
+    if refused:
+        aug = {f.name for f in fields(AugmentConfig)}
+        was = []
+        for key, value in refused.items():
+            for k in (value if key == "augment" else [key]):
+                current = getattr(run_cfg.augment, k) if key == "augment" and k in aug else getattr(run_cfg, k, "?")
+                was.append(f"{flag(k)} {current}")
+        raise PcamError(f"{what}: cannot change {', '.join(option_flags(refused))} on resume (the run was "
+                        f"trained with {', '.join(dict.fromkeys(was))}); only {', '.join(flag(k) for k in allowed)} "
+                        f"may change: start a new run with another -o instead")
+    return changed
+
+
+def resume_config(run_dir: Path, overrides: Optional[dict[str, Any]] = None,
+                  cfg: Optional[TrainConfig] = None) -> tuple[TrainConfig, Checkpoint]:
+    """The run's own config with the allowed changes applied, and its ``last.pt``.
+
+    The changes are ``overrides`` (the options the user gave) or, without
+    them, whatever ``cfg`` sets differently from the run (:func:`given_options`).
 
     Raises
     ------
     PcamError
         Not a run folder, a garbled ``config.json``, a ``last.pt`` that is
-        missing or another run's, a refused override, or a store that changed.
+        missing or another run's, a refused change, or a store that changed
+        (row count or stain normalization).
     """
     saved = read_run_config(run_dir)
     remove_dead_temporaries(run_dir)  # a SIGKILL mid-save leaves one; this run will not rewrite every file
@@ -53,54 +128,33 @@ def resume_config(run_dir: Path, overrides: dict[str, Any]) -> tuple[TrainConfig
     if not (run_dir / "last.pt").is_file():
         raise PcamError(f"{run_dir}: not a run folder to resume (no last.pt: it stopped before its first "
                         f"epoch ended; run the command that started it again)")
-    state = load_checkpoint(run_dir / "last.pt")
-    if not isinstance(state.get("config"), dict) or "optimizer" not in state or "epoch" not in state:
+    ck = Checkpoint.load(run_dir / "last.pt")
+    if ck.training_state is None or "optimizer" not in ck.training_state or not ck.config:
         raise PcamError(f"{run_dir}/last.pt: holds no training state to resume from")
-    ck = state["config"]
-    other = [k for k in _IDENTITY if ck.get(k) != saved.get(k)]
+    other = [k for k in _IDENTITY if ck.config.get(k) != saved.get(k)]
     if other:
-        raise PcamError(f"{run_dir}/last.pt: belongs to another run ({', '.join(f'{k} {ck.get(k)!r}' for k in other)}, "
+        raise PcamError(f"{run_dir}/last.pt: belongs to another run ({', '.join(f'{k} {ck.config.get(k)!r}' for k in other)}, "
                         f"where config.json says {', '.join(repr(saved.get(k)) for k in other)})")
-    run_cfg = _apply_overrides(run_cfg, overrides, run_dir)
-    if run_cfg.epochs is not None and run_cfg.epochs < state["epoch"]:
-        raise PcamError(f"--epochs {run_cfg.epochs}: {run_dir} has already trained {state['epoch']} epochs")
-    store_count = state["store"]["count"]
-    store = open_store(run_cfg.store)
-    if len(store) != store_count:
-        raise PcamError(f"{run_dir}: run was trained on {store_count} images, {run_cfg.store} has {len(store)}")
-    return replace(run_cfg, out=str(run_dir)), state
-
-
-def _apply_overrides(run_cfg: TrainConfig, overrides: dict[str, Any], run_dir: Path) -> TrainConfig:
-    """Apply the :data:`RESUMABLE` options the user changed; refuse any other change in one line."""
-    def same(key: str, value: Any) -> bool:
-        was = getattr(run_cfg, key, None)
-        if key == "augment":
-            return all(getattr(run_cfg.augment, k, None) == v for k, v in dict(value).items())
-        if key == "out":
-            return value is None or Path(value).resolve() == run_dir.resolve()
-        if key in _PATHS and value is not None and was is not None:
-            return Path(value).resolve() == Path(was).resolve()
-        return value == was
-
-    known = {f.name for f in fields(TrainConfig)}
-    changed = {k: v for k, v in overrides.items() if not same(k, v)}
-    refused = {k: v for k, v in changed.items() if k not in RESUMABLE or k not in known}
-    if refused:
-        aug = {f.name for f in fields(AugmentConfig)}
-        was = []
-        for key, value in refused.items():
-            for k in (value if key == "augment" else [key]):
-                current = getattr(run_cfg.augment, k) if key == "augment" and k in aug else getattr(run_cfg, k, "?")
-                was.append(f"{flag(k)} {current}")
-        raise PcamError(f"--resume: cannot change {', '.join(option_flags(refused))} on resume (the run was "
-                        f"trained with {', '.join(dict.fromkeys(was))}); start a new run with another -o instead")
+    if overrides is None:
+        overrides = given_options(cfg, run_cfg) if cfg is not None else {}
+    changed = check_changes(run_cfg, overrides, run_dir)
     if changed:
         log.info("resuming %s with %s", run_dir, ", ".join(f"{flag(k)} {v}" for k, v in changed.items()))
-    return replace(run_cfg, **changed)
+    run_cfg = replace(run_cfg, **changed)
+    if run_cfg.epochs is not None and run_cfg.epochs < ck.epoch:
+        raise PcamError(f"--epochs {run_cfg.epochs}: {run_dir} has already trained {ck.epoch} epochs")
+    store = open_store(run_cfg.store)
+    if ck.store_count is not None and len(store) != ck.store_count:
+        raise PcamError(f"{run_dir}: run was trained on {ck.store_count} images, {run_cfg.store} has {len(store)}")
+    now = StainReference.from_dict(store.stain())
+    if now != ck.stain:
+        raise PcamError(f"{run_cfg.store}: packed with stain normalization {now.describe()}, but {run_dir} was "
+                        f"trained on images normalized with {ck.stain.describe()} (the store was replaced; "
+                        f"resume on the store it was trained on, or start a new run)")
+    return replace(run_cfg, out=str(run_dir)), ck
 
 
-def training_state(t: "Trainer", loader: BatchLoader, device: torch.device) -> dict[str, Any]:
+def training_state(t: Resumable, loader: BatchLoader, device: torch.device) -> dict[str, Any]:
     """What ``last.pt`` adds so a resumed run continues exactly: optimizer, schedule, scaler, RNGs, sampler."""
     return {
         "train_weights": t.net.state_dict(),
@@ -115,9 +169,10 @@ def training_state(t: "Trainer", loader: BatchLoader, device: torch.device) -> d
     }
 
 
-def restore(t: "Trainer", loader: BatchLoader, state: dict[str, Any], where: Path, precision: Precision,
+def restore(t: Resumable, loader: BatchLoader, ck: Checkpoint, where: Path, precision: Precision,
             device: torch.device) -> None:
     """Load ``last.pt``'s training state (read from ``where``) into the freshly built parts."""
+    state = {**(ck.training_state or {}), "weights": ck.weights, "epoch": ck.epoch, "precision": ck.precision}
     load_weights(t.net, state["train_weights"], str(where))
     if t.ema.decay > 0:
         load_weights(t.ema.model, state["weights"], str(where))
@@ -141,4 +196,4 @@ def restore(t: "Trainer", loader: BatchLoader, state: dict[str, Any], where: Pat
     else:  # a CUDA generator's state does not fit a CPU one (nor the reverse): reseed deterministically
         log.warning("%s: saved on %s, resumed on %s: random augmentation restarts from the seed, so the run "
                     "will not repeat an uninterrupted one exactly", where, rng.get("device", "?"), device.type)
-        t.gen.manual_seed(int(state["config"]["seed"]) + 7919 * int(state["epoch"]))
+        t.gen.manual_seed(int(ck.config["seed"]) + 7919 * int(ck.epoch))

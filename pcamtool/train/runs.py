@@ -1,12 +1,9 @@
-"""Run folders and what they hold: config, metrics, curves and self-describing checkpoints.
+"""Run folders and what they hold: config, metrics, curves and checkpoints.
 
-A checkpoint holds the model's full factory arguments, its weights (EMA
-weights when EMA is on), the normalization statistics and stain normalization
-the model was trained with, where it came from, and, for ``last.pt``, all
-state needed to resume. Only plain types and tensors go in, so it loads with
-``torch.load(weights_only=True)`` and any stage rebuilds the model from the
-file alone. Every file is written under a temporary name and renamed, so a
-kill never leaves half a file under a final name.
+The checkpoints themselves are :class:`pcamtool.train.checkpoint.Checkpoint`
+(what they hold, and how they are read and written); this module lays out the
+folder around them. Every file is written under a temporary name and renamed
+(:func:`writing`), so a kill never leaves half a file under a final name.
 """
 from __future__ import annotations
 
@@ -20,17 +17,15 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
-from .. import __version__
 from ..errors import ModelError, PcamError
-from ..io.fsutil import atomic_path
+from ..io.fsutil import atomic_path, output_lock
+from .checkpoint import FORMAT, VERSION
 
 RUNS = Path("runs")
 METRIC_FIELDS = ["epoch", "train_loss", "val_loss", "val_auc", "val_acc", "lr", "img_per_s", "seconds",
                  "skipped_steps"]
 CHECKPOINTS = ("last.pt", "best.pt")
 RUN_FILES = ("config.json", "metrics.csv", "curves.png")
-FORMAT = "pcamtool-checkpoint"
-VERSION = 1
 
 
 def new_run_dir(arch: str, root: Path = RUNS) -> Path:
@@ -107,7 +102,24 @@ def _is_run_config(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _writing(path: Path, what: str) -> Iterator[Path]:
+def run_lock(folder: Path, create: bool = True) -> Iterator[None]:
+    """Hold ``folder``'s output lock (as ``pack`` holds its store's) on the main rank: a second run into it is refused.
+
+    Raises
+    ------
+    BusyError
+        Another process is training into (or continuing) ``folder``.
+    """
+    if int(os.environ.get("RANK", "0")) != 0 or not (create or folder.parent.is_dir()):
+        yield   # under torchrun the main rank alone writes the folder; a missing one to continue fails later
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(folder):
+        yield
+
+
+@contextlib.contextmanager
+def writing(path: Path, what: str) -> Iterator[Path]:
     """:func:`atomic_path` whose failures (disk full, permissions) name the final path in one line."""
     try:
         with atomic_path(path, force=True) as tmp:
@@ -134,13 +146,13 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
 
 def write_config(path: Path, config: dict[str, Any]) -> None:
     """``config.json``: the run's configuration with everything resolved."""
-    with _writing(path, "the run config") as tmp:
+    with writing(path, "the run config") as tmp:
         tmp.write_text(json.dumps(config, indent=2))
 
 
 def write_metrics(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     """Rewrite ``metrics.csv`` with ``rows`` (small: one row per epoch)."""
-    with _writing(path, "metrics") as tmp, open(tmp, "w", newline="") as f:
+    with writing(path, "metrics") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
         w.writeheader()
         for r in rows:
@@ -166,38 +178,32 @@ def plot_curves(path: Path, rows: Sequence[dict[str, Any]], title: Optional[str]
     b.set_xlabel("epoch")
     b.set_ylabel("validation ROC AUC")
     b.grid(alpha=0.3)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (a, b):  # epochs are whole numbers: no 2.5 ticks on a short run
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     try:
-        with _writing(path, "curves") as tmp:
+        with writing(path, "curves") as tmp:
             fig.savefig(tmp, dpi=100, format="png")
     finally:
         plt.close(fig)
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` (plus format markers) atomically; a full disk is one line naming ``path``."""
-    payload = {"format": FORMAT, "version": VERSION, "pcamtool_version": __version__, **payload}
-    with _writing(Path(path), "checkpoint") as tmp:
-        torch.save(payload, tmp)
-    return Path(path)
+    """Write a checkpoint payload (a :meth:`Checkpoint.to_dict`-shaped dict); prefer :meth:`Checkpoint.save`."""
+    from .checkpoint import Checkpoint
+
+    return Checkpoint.from_dict({"format": FORMAT, "version": VERSION, **payload}, path).save(path)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load and check a checkpoint written by :func:`save_checkpoint`."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip and torch errors alike
-        raise ModelError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ModelError(f"{path}: not a pcamtool checkpoint")
-    if ckpt.get("version") != VERSION:
-        raise ModelError(f"{path}: checkpoint version {ckpt.get('version')}, this pcamtool reads {VERSION}")
-    return ckpt
+    """A checkpoint file as its payload dict (for scripts; pcamtool's stages use :meth:`Checkpoint.load`)."""
+    from .checkpoint import Checkpoint
+
+    return Checkpoint.load(path).to_dict()
 
 
 def load_weights(net: torch.nn.Module, weights: dict[str, Any], where: str) -> None:
@@ -209,14 +215,8 @@ def load_weights(net: torch.nn.Module, weights: dict[str, Any], where: str) -> N
         raise ModelError(f"{where}: weights do not fit the model ({first})") from None
 
 
-def build_model(ckpt: dict[str, Any]) -> torch.nn.Module:
-    """The :class:`~pcamtool.contract.Classifier` of a checkpoint, weights loaded, in eval mode."""
-    from ..contract import Classifier
-    from ..models import create_model, without_pretrained
+def build_model(ckpt: Any) -> torch.nn.Module:
+    """The :class:`~pcamtool.contract.Classifier` of a :class:`Checkpoint` (or its payload dict), in eval mode."""
+    from .checkpoint import Checkpoint
 
-    spec = ckpt["model"]
-    # the weights are in the checkpoint: never reload (or download) a pretrained file
-    net = Classifier(create_model(spec["name"], **without_pretrained(spec.get("kwargs", {}))),
-                     torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"]))
-    load_weights(net, ckpt["weights"], f"checkpoint of model {spec['name']}")
-    return net.eval()
+    return (ckpt if isinstance(ckpt, Checkpoint) else Checkpoint.from_dict(ckpt)).build_model()

@@ -1,0 +1,77 @@
+"""One training step (pcamtool.train.loop.train_step) against an independent loss: label smoothing, micro-batches."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pcamtool.config import AugmentConfig, TrainConfig
+from pcamtool.contract import Classifier, to_float01
+from pcamtool.device import Precision
+from pcamtool.models import create_model
+from pcamtool.train.data import Batch
+from pcamtool.train.loop import create_trainer, train_step
+
+from oracles import bce_with_logits
+
+CPU = torch.device("cpu")
+
+
+def trainer(label_smoothing: float, micro_batch: int = 0, lr: float = 1e-3):
+    torch.manual_seed(0)
+    # no dropout: the logits seen before the step are the ones the step sees
+    net = Classifier(create_model("pcamnet", width=4, dropout=0.0), [0.5] * 3, [0.25] * 3)
+    cfg = TrainConfig(label_smoothing=label_smoothing, augment=AugmentConfig.off(), lr=lr, ema=0.5)
+    precision = Precision("cpu", None, False, "fp32: test", micro_batch=micro_batch)
+    return create_trainer(cfg, net, CPU, precision, total_steps=10)
+
+
+def a_batch(n: int = 6) -> Batch:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (n, 96, 96, 3), dtype=torch.uint8, generator=g)
+    y = torch.tensor([1, 0, 1, 1, 0, 0][:n], dtype=torch.float32)
+    return Batch(x, y, np.arange(n))
+
+
+def logits_now(t, b: Batch) -> np.ndarray:
+    """The logits the step is about to see (train mode: batch norm uses the batch's statistics)."""
+    state = {k: v.clone() for k, v in t.net.state_dict().items()}
+    t.net.train()
+    with torch.no_grad():
+        z = t.module(to_float01(b.x)).double().numpy()
+    t.net.load_state_dict(state)  # undo the running-statistics update of this extra forward
+    return z
+
+
+@pytest.mark.parametrize("ls", [0.0, 0.1, 0.3])
+def test_step_loss_is_cross_entropy_against_smoothed_targets(ls):
+    t, b = trainer(ls), a_batch()
+    z = logits_now(t, b)
+    loss = float(train_step(t, b))
+    y = b.y.double().numpy()
+    want = bce_with_logits(z, y * (1 - ls) + 0.5 * ls)   # 1 -> 1 - ls/2, 0 -> ls/2
+    assert loss == pytest.approx(want, rel=1e-5)
+    if ls:
+        assert abs(loss - bce_with_logits(z, y)) > 1e-4  # smoothing changes what is learnt
+
+
+def test_micro_batches_give_the_same_loss_as_one_batch():
+    whole, sliced, b = trainer(0.2), trainer(0.2, micro_batch=2), a_batch()
+    z = np.concatenate([logits_now(sliced, Batch(b.x[s:s + 2], b.y[s:s + 2], b.index[s:s + 2]))
+                        for s in range(0, 6, 2)])
+    want = bce_with_logits(z, b.y.double().numpy() * 0.8 + 0.1)
+    assert float(train_step(sliced, b)) == pytest.approx(want, rel=1e-5)
+    assert float(train_step(whole, b)) != pytest.approx(want, rel=1e-5)  # batch norm sees other batches
+
+
+def test_step_moves_the_weights_the_schedule_and_the_average():
+    t, b = trainer(0.0, lr=1e-2), a_batch()
+    before = [p.detach().clone() for p in t.net.parameters()]
+    ema_before = [p.detach().clone() for p in t.ema.model.parameters()]
+    train_step(t, b)
+    after = list(t.net.parameters())
+    assert any(not torch.equal(a, c) for a, c in zip(before, after))
+    assert t.sched.last_epoch == 1
+    for e0, e1, w in zip(ema_before, t.ema.model.parameters(), after):  # EMA decay 0.5: half-way
+        assert torch.allclose(e1, 0.5 * e0 + 0.5 * w.detach(), atol=1e-6)
+    assert all(p.grad is not None for p in t.net.parameters())
