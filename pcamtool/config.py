@@ -212,6 +212,7 @@ class TrainConfig:
     img_size: int = 96                    # timm: networks: side the network sees (upscaled inside the graph)
     freeze_epochs: Optional[int] = None   # None: train.finetune.default_recipe (1 with pretrained weights, else 0)
     lr_backbone_mult: Optional[float] = None  # None: default_recipe (0.1 with pretrained weights, else 1)
+    tensorboard: Optional[str] = None     # TensorBoard log folder (pcamtool.train.tblog); None: no logging
 
     def __post_init__(self) -> None:
         self._check_types()

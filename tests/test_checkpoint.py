@@ -9,9 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-import tifffile
 import torch
 
 from pcamtool import pack

@@ -435,3 +435,33 @@ def test_a_lock_left_by_a_killed_writer_is_taken_over(tmp_path):
     with atomic_path(out) as tmp:
         tmp.write_text("mine")
     assert out.read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["x.csv"]
+
+
+# ---------------------------------------------------------------- disk full while checkpointing
+
+
+@pytest.mark.parametrize("room", [0, 100_000])  # torch: "basic_ios::clear: iostream error" / "[enforce fail ...]"
+def test_torch_save_onto_a_full_disk_says_no_space_naming_the_output(full_disk, room):
+    import torch
+
+    from pcamtool.io.fsutil import WholeWrites, atomic_path
+
+    fd = os.open(full_disk / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.fstat(fd).st_size < 2**20 - room and os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    out = full_disk / "best.pt"
+    state = {"w": torch.arange(100_000, dtype=torch.float32)}  # 400 kB: more than is left
+    with pytest.raises(PcamError) as info:
+        with atomic_path(out, force=True) as tmp, WholeWrites(tmp) as f:
+            torch.save(state, f)
+    assert str(info.value) == f"{out}: cannot write (No space left on device); nothing was written"
+    assert os.listdir(full_disk) == ["filler"]
+    os.unlink(full_disk / "filler")
+    with atomic_path(out, force=True) as tmp, WholeWrites(tmp) as f:  # and with room, the same file torch writes
+        torch.save(state, f)
+    assert torch.equal(torch.load(out, weights_only=True)["w"], state["w"])

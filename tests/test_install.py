@@ -123,8 +123,8 @@ def test_wheelhouse_installs_offline_beside_the_users_torch(house, tmp_path):
     _run([py, "-c", f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); from helpers import write_kaggle; "
                     f"from pathlib import Path; write_kaggle(Path('.'), n=12)"], cwd=tmp_path)
     _run([bin_ / "pcamtool", "-q", "pack", "train"], cwd=tmp_path)
-    r = _run([bin_ / "pcamtool", "info", "train.h5"], cwd=tmp_path)
-    assert "12" in r.stdout
+    r = _run([bin_ / "pcamtool", "-q", "info", "train.h5"], cwd=tmp_path)
+    assert [ln.split() for ln in r.stdout.splitlines() if ln.startswith("images")] == [["images", "12"]]
     where = _run([py, "-c", "import pcamtool; print(pcamtool.__file__)"], cwd=tmp_path).stdout.strip()
     assert where.startswith(str(venv)), where  # the installed wheel ran, not the checkout
     # timm is an extra: one line naming it, exit 1

@@ -329,3 +329,31 @@ def test_official_split_train_val_store_infer_every_row_evaluate(tmp_path):
 
     report = json.loads(r.output[r.output.index("{"):])
     assert report["n"] == 48 and 0 <= report["balanced_accuracy"] <= 1 and report["auc"] > 0.5
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["h5", "h5.gz"])
+def test_gzip_chunks_inflated_in_parallel_match_h5py(tmp_path, gz):
+    from pcamtool.io.pcam import PcamSource, find_split
+
+    src = write_split(tmp_path, "valid", n=100, gz=gz, chunks=(8, 96, 96, 3), compression="gzip")
+    with PcamSource(find_split(tmp_path, "valid"), workers=3) as fast, \
+            PcamSource(find_split(tmp_path, "valid"), workers=1) as plain:
+        assert fast._chunk_rows == 8 and plain._chunk_rows == 0   # the raw-chunk path is the one timed
+        for rows in (16, 24):
+            got = np.concatenate([b.copy() for _, b in fast.blocks(rows)])
+            assert np.array_equal(got, src["x"])
+        assert np.array_equal(np.concatenate([b.copy() for _, b in plain.blocks()]), src["x"])
+        fast.verify()
+
+
+def test_damaged_gzip_chunk_is_one_line(tmp_path):
+    write_split(tmp_path, "valid", n=40, chunks=(8, 96, 96, 3), compression="gzip")
+    x = tmp_path / f"{PREFIX}valid_x.h5"
+    with h5py.File(x, "r") as f:
+        info = f["x"].id.get_chunk_info(2)
+    with open(x, "r+b") as fh:   # garble the middle of the third chunk's deflate stream
+        fh.seek(info.byte_offset + info.size // 2)
+        fh.write(b"\xff" * 64)
+    line = _one_line_error(CliRunner().invoke(cli, ["-q", "pack", str(x)]))
+    assert x.name in line and "cannot read images" in line, line
+    _no_outputs(tmp_path)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -81,7 +82,8 @@ def test_choose_level_prefers_the_coarsest_level_not_coarser_than_10x():
     assert choose_level([0.486 * 2 ** k for k in range(5)]) == 1
     assert choose_level([0.972 * 2 ** k for k in range(4)]) == 0
     assert choose_level([0.25 * 4 ** k for k in range(3)]) == 1   # Aperio 40x: 1.0 um, 3 % coarser, beats 0.25
-    assert choose_level([0.23 * 4 ** k for k in range(3)]) == 0   # 0.92 vs 3.68: shrink the finer one
+    assert choose_level([0.23 * 4 ** k for k in range(3)]) == 1   # 0.92: shrink it 5 %
+    assert choose_level([0.3 * 4 ** k for k in range(3)]) == 0    # 1.2 would be enlarged 23 %: shrink 0.3 instead
     assert choose_level([4.0, 8.0]) == 0                 # nothing finer than 10x: enlarge the finest
 
 
@@ -106,11 +108,14 @@ def test_a_level_off_the_model_scale_is_resampled_to_it(tmp_path):
     painted = mosaic(cells, 0).astype(np.float32)
     with open_slide(s.path) as sl:
         geo = slide_geometry(sl, s.path)
-        assert geo.level == 1 and geo.resample and geo.scale == pytest.approx(MODEL_MPP / 0.9)
+        assert geo.level == 1 and geo.resample and geo.scale == pytest.approx(MODEL_MPP / 0.9, rel=1e-3)
         tile = read_tiles(sl, geo, [(192, 192)])[0].astype(np.float32)
+        as_is = read_tiles(sl, dataclasses.replace(geo, resample=False, scale=1.0), [(192, 192)])[0]
     right = np.abs(tile - painted[192:288, 192:288]).mean()
-    shifted = np.abs(tile - painted[192:288, 200:296]).mean()   # 8 px (one 8 % scale error across a tile) off
-    assert right < 12 and right < 0.6 * shifted
+    shifted = np.abs(tile - painted[192:288, 194:290]).mean()   # 2 px off
+    # Resampled twice (painted -> 0.45 um -> 0.9 um -> 0.972 um) blurs the texture a little, but it lands
+    # where the painted tile is; reading level 1 without resampling drifts 8 % across the tile.
+    assert right < 0.6 * shifted and right < 0.4 * np.abs(as_is - painted[192:288, 192:288]).mean()
 
 
 def test_mpp_missing_and_override(tmp_path):
@@ -127,7 +132,10 @@ def test_mpp_missing_and_override(tmp_path):
 def test_otsu_splits_two_modes():
     rng = np.random.default_rng(0)
     values = np.concatenate([rng.normal(0.1, 0.02, 5000), rng.normal(0.6, 0.05, 2000)]).clip(0, 1)
-    assert 0.18 < otsu(values) < 0.5
+    t = otsu(values)
+    assert (values[:5000] < t).mean() > 0.999 and (values[5000:] > t).mean() > 0.999
+    overlapping = np.concatenate([rng.normal(0.3, 0.1, 5000), rng.normal(0.6, 0.1, 5000)]).clip(0, 1)
+    assert otsu(overlapping) == pytest.approx(0.45, abs=0.03)   # equal classes, equal spread: the midpoint
 
 
 def test_tissue_mask_and_tiles_match_the_painted_cells(tmp_path):
@@ -172,7 +180,7 @@ class RedModel:
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         f = images.astype(np.float64)
-        return np.clip((f[..., 0] - f[..., 2]).mean((1, 2)) / 100 + 0.5, 0, 1)
+        return np.clip((f[..., 0] - f[..., 2]).mean((1, 2)) / 100, 0, 1)
 
 
 @pytest.mark.parametrize("stride", [96, 32])
@@ -182,7 +190,7 @@ def test_heatmap_orientation_red_top_left_shows_top_left(tmp_path, stride):
 
     from pcamtool.slide.tiles import TileGrid
 
-    h, w, m = 1200, 1600, 100                              # level-0 pixels (20x), a glass margin m
+    h, w, m = 2400, 3200, 100                              # level-0 pixels (20x), a glass margin m
     img = np.full((h, w, 3), 245, np.uint8)
     img[m:h - m, m:w - m] = (120, 60, 170)                 # purple "tissue"
     rx, ry = w // 3, h // 3
@@ -208,7 +216,7 @@ def test_heatmap_orientation_red_top_left_shows_top_left(tmp_path, stride):
     # tiles.csv: level-0 corners, the red ones top-left.
     tiles = read_csv(folder / "tiles.csv")
     high = np.array([(int(r["x"]), int(r["y"])) for r in tiles if float(r["probability"]) > 0.9])
-    assert len(high) and high[:, 0].max() + t <= rx + 1 and high[:, 1].max() + t <= ry + 1
+    assert len(high) and (high + t / 2 < (rx, ry)).all()        # their centres on the red
     # The PNG: inferno's light yellow (high) sits top-left of the drawn slide (the colour bar, right, left out).
     png = np.asarray(Image.open(folder / "heatmap.png").convert("RGB"), np.int32)
     drawn = png[:, : int(png.shape[1] * 0.75)]
@@ -363,11 +371,12 @@ def test_unreadable_region_is_skipped_counted_and_reported(tmp_path, tiny_model,
     with caplog.at_level("WARNING", logger="pcamtool"):
         res = run_slides([s.path], [tiny_model], tmp_path / "out", progress=False)
     summary = res.done[0]
-    # Tiles overlapping the broken 256x256 tile (96-px tiles from 192 to 480 on both axes: 4 x 4 minus none).
-    assert summary.unreadable_tiles == 9 and summary.tiles > 40
-    assert any("9 of" in r.getMessage() and "unreadable, skipped" in r.getMessage() for r in caplog.records)
+    # The 96-px tiles overlapping the broken 256x256 one start at 192, 288, 384 and 480 on both axes: 4 x 4.
+    assert summary.unreadable_tiles == 16 and summary.tiles > 30
+    said = [r.getMessage() for r in caplog.records]
+    assert any(f"16 of {summary.tiles + 16} tiles unreadable, skipped (Not a JPEG file" in m for m in said), said
     row = read_csv(tmp_path / "out" / "slides.csv")[0]
-    assert row["unreadable_tiles"] == "9"
+    assert row["unreadable_tiles"] == "16"
     xy = {(int(t["x"]), int(t["y"])) for t in read_csv(tmp_path / "out" / "bad" / "tiles.csv")}
     assert (288, 288) not in xy and (0, 0) in xy
 

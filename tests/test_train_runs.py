@@ -275,9 +275,9 @@ def test_checkpoint_validation_rows_are_the_rows_training_scored(store, tmp_path
     seen: list[np.ndarray] = []
     real = loop.evaluate
 
-    def spy(net, loader, autocast, dist=None):
+    def spy(net, loader, *args, **kwargs):
         seen.append(np.sort(np.concatenate([b.index for b in loader])))
-        return real(net, loader, autocast, dist)
+        return real(net, loader, *args, **kwargs)
 
     monkeypatch.setattr(loop, "evaluate", spy)
     run = fit(tiny(store, tmp_path / "run", epochs=1, folds=4, fold=2, max_train=40), progress=False).run_dir

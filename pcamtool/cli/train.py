@@ -78,6 +78,8 @@ _TRAIN_OPTIONS: list[Callable] = [
                  help="Epochs training only the new head (default: 1 with --pretrained, else 0)."),
     click.option("--lr-backbone-mult", type=click.FloatRange(0, 1, min_open=True), default=None,
                  help="Learning rate of all but the head, relative to --lr (default: 0.1 with --pretrained, else 1)."),
+    click.option("--tensorboard", type=click.Path(path_type=Path), default=None, metavar="DIR",
+                 help="Log to TensorBoard under DIR/<run> (cv: DIR/<cv run>/fold<i>); needs pcamtool[tensorboard]."),
 ]
 
 

@@ -402,8 +402,11 @@ def pack_pcam(src: str | os.PathLike, split: Optional[str] = None, out: Optional
         files (then ``split`` says which).
     out
         Store path; default ``pcam_<split>.h5`` beside the x file.
-    chunk, compression, force, stain, stain_reference, transform, workers
-        As in :func:`pack` (``workers``: stain normalization threads).
+    chunk, compression, force, stain, stain_reference, transform
+        As in :func:`pack`.
+    workers
+        Threads inflating the chunks of a gzip-chunked x (and normalizing
+        stains); default: the usable cores.
 
     Raises
     ------
@@ -423,7 +426,7 @@ def pack_pcam(src: str | os.PathLike, split: Optional[str] = None, out: Optional
     files = find_split(src, split)
     out_path = Path(out) if out is not None else default_pcam_store_path(files.x, files.split)
     check_writable(out_path, force)
-    with PcamSource(files) as source:
+    with PcamSource(files, workers=workers or cpu_threads()) as source:
         stain_tf, stain_meta = _stain_setup(stain, stain_reference, source.n, source.read_rows,
                                             workers or cpu_threads(), str(files.x))
         if stain_tf is not None:

@@ -24,6 +24,8 @@ import io
 import logging
 import os
 import re
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -32,7 +34,7 @@ import h5py
 import numpy as np
 
 from ..errors import LabelsError, PcamError, few
-from .gzstream import GzipSeekable, GzipStreamError
+from .gzstream import GzipSeekable, GzipStreamError, inflater_module
 from .store import SHAPE, PatchMeta
 
 log = logging.getLogger("pcamtool")
@@ -292,8 +294,9 @@ class PcamSource:
         meta CSV of another length or form (:class:`LabelsError`).
     """
 
-    def __init__(self, files: PcamFiles) -> None:
+    def __init__(self, files: PcamFiles, workers: int = 1) -> None:
         self.files = files
+        self.workers = max(1, int(workers))
         self._stack = contextlib.ExitStack()
         path = files.x
         f, self._raw = self._stack.enter_context(open_h5(path))
@@ -322,6 +325,15 @@ class PcamSource:
         self.ids = np.array([f"pcam-{files.split}-{i:0{width}d}" for i in range(self.n)])
         chunk = ds.chunks[0] if ds.chunks else 1
         self.block_rows = max(chunk, BLOCK_ROWS - BLOCK_ROWS % chunk)
+        # Chunks of whole patches under gzip alone: read them raw and inflate them on
+        # ``workers`` threads (zlib lets go of the GIL), where h5py inflates one at a
+        # time under its lock.
+        self._chunk_rows = chunk if (ds.chunks is not None and ds.chunks[1:] == SHAPE
+                                     and ds.compression == "gzip" and not ds.shuffle and not ds.fletcher32
+                                     and ds.scaleoffset is None and ds.id.get_create_plist().get_nfilters() == 1
+                                     and self.workers > 1) else 0
+        self._pool = (self._stack.enter_context(ThreadPoolExecutor(self.workers, thread_name_prefix="pcam-inflate"))
+                      if self._chunk_rows else None)
 
     def __enter__(self) -> "PcamSource":
         return self
@@ -345,10 +357,35 @@ class PcamSource:
         stop = min(start + len(out), self.n)
         part = out[:stop - start]
         try:
-            self._x.read_direct(part, np.s_[start:stop])
-        except (OSError, GzipStreamError, RuntimeError) as exc:
+            if self._chunk_rows and start % self._chunk_rows == 0:
+                self._read_chunks(start, part)
+            else:
+                self._x.read_direct(part, np.s_[start:stop])
+        except (OSError, GzipStreamError, RuntimeError, zlib.error, inflater_module().error) as exc:
             raise PcamError(self._read_problem(exc, start, stop)) from None
         return part
+
+    def _read_chunks(self, start: int, part: np.ndarray) -> None:
+        """Rows ``start...`` (a chunk boundary) from the raw chunks, inflated in parallel."""
+        k = self._chunk_rows
+        flat = part.reshape(len(part), -1)
+        raw = []
+        for a in range(start, start + len(part), k):   # in file order, on this thread (HDF5 is serial)
+            mask, data = self._x.id.read_direct_chunk((a, 0, 0, 0))
+            raw.append((a - start, mask, data))
+
+        def inflate(item: tuple[int, int, bytes]) -> None:
+            at, mask, data = item
+            rows = min(k, len(part) - at)
+            pixels = data if mask & 1 else inflate_chunk(data)   # bit 0 set: gzip was skipped for this chunk
+            if len(pixels) != k * flat.shape[1]:
+                raise zlib.error(f"chunk at row {start + at} inflates to {len(pixels):,} bytes, "
+                                 f"expected {k * flat.shape[1]:,}")
+            flat[at:at + rows] = np.frombuffer(pixels, np.uint8, rows * flat.shape[1]).reshape(rows, -1)
+
+        assert self._pool is not None
+        inflate_chunk = inflater_module().decompress
+        list(self._pool.map(inflate, raw))
 
     def _read_problem(self, exc: BaseException, start: int, stop: int) -> str:
         text = str(exc)

@@ -257,6 +257,10 @@ def atomic_dir(final: Path, replace: bool) -> Iterator[Path]:
     An existing ``final`` is replaced only when ``replace``; the output lock
     keeps two runs off the same slide.
     """
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PcamError(f"{final.parent}: cannot create the output folder ({exc.strerror})") from None
     with output_lock(final):
         tmp = temp_name(final)
         tmp.mkdir()

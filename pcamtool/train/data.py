@@ -24,11 +24,11 @@ from typing import Any, Callable, ContextManager, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from ..constants import CACHES
 from ..errors import PcamError
 from ..io.store import ROW_BYTES, SHAPE, Store
 from ..system import available_ram
 
-CACHES = ("auto", "gpu", "ram", "mmap")
 UPLOAD_ROWS = 8192  # rows per host-to-GPU copy when filling the GPU cache (~226 MB)
 
 

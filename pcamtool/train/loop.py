@@ -45,6 +45,7 @@ from .finetune import Recipe, apply_epoch, param_groups, recipe_for
 from .parts import EMA, Dist, LossScaler, create_optimizer, create_schedule
 from .resume import restore, resume_config, training_state
 from .runs import discard_unfinished, new_run_dir, open_run_dir, plot_curves, run_lock, write_config, write_metrics
+from .tblog import NullLog, open_log
 
 log = logging.getLogger("pcamtool")
 
@@ -173,7 +174,7 @@ def train_one_epoch(t: Trainer, loader: BatchLoader, bar: Any = None) -> EpochSt
 
 @torch.no_grad()
 def evaluate(net: torch.nn.Module, loader: BatchLoader, autocast: AbstractContextManager,
-             dist: Optional[Dist] = None) -> dict[str, float]:
+             dist: Optional[Dist] = None, keep: Optional[dict[str, np.ndarray]] = None) -> dict[str, float]:
     """Validation loss, ROC AUC and accuracy of ``net`` over ``loader`` (no augmentation).
 
     Under DDP every rank scores its share and the results are gathered;
@@ -202,6 +203,8 @@ def evaluate(net: torch.nn.Module, loader: BatchLoader, autocast: AbstractContex
     if not np.isfinite(p_np).all():
         raise TrainingError("the model's validation outputs are not finite (diverged); try a lower --lr")
     m = binary_metrics(p_np[first], y_np[first])
+    if keep is not None:  # the probabilities themselves, for TensorBoard's curves
+        keep.update(probs=p_np[first], labels=y_np[first])
     return {"val_loss": m["loss"], "val_auc": m["auc"], "val_acc": m["acc"]}
 
 
@@ -288,7 +291,9 @@ def _fit(cfg: TrainConfig, run_dir: Path, resuming: bool, progress: bool, overri
     created = open_run_dir(run_dir) if not resuming and dist.main else False
     try:
         run = _build_run(cfg, ck, device, dist, data, run_dir)
-        _loop(run, progress)
+        with open_log(cfg.tensorboard, run_dir, dist.main) as tb:  # a stand-in doing nothing without --tensorboard
+            tb.start(cfg.to_dict(), data[0], data[2], cfg.augment, cfg.seed)
+            _loop(run, progress, tb)
         if cfg.export and dist.main:
             from ..export import export_onnx
 
@@ -355,7 +360,7 @@ def _build_run(cfg: TrainConfig, ck: Optional[Checkpoint], device: torch.device,
     return run
 
 
-def _loop(run: Run, progress: bool) -> None:
+def _loop(run: Run, progress: bool, tb: NullLog = NullLog()) -> None:
     """Train and validate from ``run.start_epoch`` to the last epoch (or an early stop), checkpointing each."""
     cfg, t, dist, net = run.cfg, run.t, run.dist, run.t.net
     bad_patience = 0
@@ -376,7 +381,8 @@ def _loop(run: Run, progress: bool) -> None:
             last = run.run_dir / "last.pt"
             raise TrainingError(f"loss became {st.loss} in epoch {epoch}; try a lower --lr ("
                                 + (f"last good checkpoint: {last})" if last.exists() else "no checkpoint kept)"))
-        m = evaluate(t.ema.model, run.val_loader, t.autocast, dist)
+        val: dict[str, np.ndarray] = {}
+        m = evaluate(t.ema.model, run.val_loader, t.autocast, dist, keep=val)
         row = {"epoch": epoch, "train_loss": st.loss, **m, "lr": t.opt.param_groups[0]["lr"],
                "img_per_s": st.images * dist.world / st.seconds, "skipped_steps": st.skipped_steps,
                "seconds": st.seconds + 0.0}
@@ -386,6 +392,7 @@ def _loop(run: Run, progress: bool) -> None:
             run.best_auc, run.best_epoch, bad_patience = m["val_auc"], epoch, 0
         else:
             bad_patience += 1
+        tb.epoch(row, val.get("probs"), val.get("labels"), improved)
         if dist.main:
             _save_epoch(run, epoch, improved)
             log.info("epoch %d/%d  loss %.4f  val_loss %.4f  val_auc %.4f  val_acc %.4f  %.0f img/s  %.1fs%s%s",

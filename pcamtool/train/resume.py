@@ -33,7 +33,7 @@ from .runs import load_weights, read_run_config, remove_dead_temporaries
 log = logging.getLogger("pcamtool")
 
 # Where and how fast a run goes: none changes what is learnt, so a continued run or cv may change them.
-MACHINE = ("device", "threads", "cache", "compile")
+MACHINE = ("device", "threads", "cache", "compile", "tensorboard")
 # A continued training run may also go on longer, stop earlier or export at the end.
 RESUMABLE = MACHINE + ("epochs", "patience", "export")
 # What identifies a run: a last.pt disagreeing with config.json on these is another run's.

@@ -43,6 +43,15 @@ class NullLog:
 
     log_dir: Optional[Path] = None
 
+    def __enter__(self) -> "NullLog":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def start(self, config: dict[str, Any], store: Any, rows: np.ndarray, augment: Any, seed: int = 0) -> None:
+        pass
+
     def config(self, config: dict[str, Any]) -> None:
         pass
 
@@ -83,6 +92,11 @@ class TensorBoardLog(NullLog):
         except OSError as exc:
             raise PcamError(f"{self.log_dir}: cannot create the TensorBoard folder ({exc.strerror})") from None
         self.writer = writer(log_dir=str(self.log_dir))
+
+    def start(self, config: dict[str, Any], store: Any, rows: np.ndarray, augment: Any, seed: int = 0) -> None:
+        """Once per run: the config as text and a grid of ``store``'s first training ``rows``, augmented."""
+        self.config(config)
+        self.augmented_images(store.gather(np.sort(np.asarray(rows)[:GRID_IMAGES])), augment, seed)
 
     def config(self, config: dict[str, Any]) -> None:
         """The resolved configuration, as a JSON block in TensorBoard's Text tab."""
