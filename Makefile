@@ -10,6 +10,7 @@ STAMP  := $(VENV)/.installed
 LOCK   := requirements.lock
 EXTRAS ?= test,timm,slides,tensorboard,mutate
 WHEELHOUSE ?= wheelhouse
+WHEEL_CONSTRAINTS ?= $(LOCK)
 
 .PHONY: demo test bench fuzz gpu-check install wheelhouse clean
 
@@ -51,7 +52,21 @@ gpu-check:
 # notebook (attach the folder as a Kaggle data set; docs/install.md).
 # WHEEL_PY=3.12 makes them for another CPython (Colab).
 wheelhouse: $(STAMP)
-	$(BIN)/python .ci/wheelhouse.py --out $(WHEELHOUSE) -c $(LOCK) $(if $(WHEEL_PY),--python-version $(WHEEL_PY))
+	$(BIN)/python .ci/wheelhouse.py --out $(WHEELHOUSE) -c $(WHEEL_CONSTRAINTS) $(if $(WHEEL_PY),--python-version $(WHEEL_PY))
 
 clean:
 	rm -rf $(VENV) demo $(WHEELHOUSE)
+
+# Mutation testing (mutmut, one worker; minutes per module): each mutant of the modules listed
+# in pyproject's [tool.mutmut] against the tests that reach it; `$(BIN)/mutmut results` lists
+# the survivors, `$(BIN)/mutmut show NAME` shows one. Scores: benchmarks/mutation.md.
+.PHONY: mutate
+mutate: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children 1
+	$(BIN)/mutmut export-cicd-stats && cat mutants/mutmut-cicd-stats.json
+
+# Whole slides on synthetic slides: trains the demo's model (or MODEL=path.onnx), paints three
+# pyramidal TIFFs, runs 'pcamtool slide' and prints slides.csv and each slide's tile AUC.
+.PHONY: demo-slides
+demo-slides: $(STAMP)
+	$(BIN)/python -m pcamtool.slide.demo demo-slides $(if $(MODEL),--model $(MODEL))

@@ -54,6 +54,8 @@ TITLES = {"false_positives": "Most confident false positives (label 0, predicted
 OUTPUTS = tuple(f"{k}.png" for k in KINDS) + ("overview.png", "gallery.csv")
 SALIENCY = ("auto", "gradcam", "occlusion", "none")
 OVERVIEW_PER_KIND = 4
+# log-odds drop below which an occlusion map is drawn as "nothing matters" rather than stretched noise
+OCCLUSION_FLOOR = 0.1
 COLS = 4            # tiles per figure row
 
 
@@ -118,9 +120,9 @@ def _device():
 
 def _gradcam_from(checkpoint: Path) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     from .saliency import grad_cam
-    from .train.runs import build_model, load_checkpoint
+    from .train.checkpoint import Checkpoint
 
-    net = build_model(load_checkpoint(checkpoint)).to(_device())
+    net = Checkpoint.load(checkpoint).build_model().to(_device())
     return lambda images, probs: grad_cam(net, images, sign=np.where(probs >= 0.5, 1.0, -1.0))[0]
 
 
@@ -129,7 +131,7 @@ def _occlusion_from(models: Sequence[Path], provider: str, transform=None) -> Ca
 
     run = onnx_runner(models, provider, transform=transform)
     return lambda images, probs: display_scale(
-        occlusion(run, images, sign=np.where(probs >= 0.5, 1.0, -1.0))[0])
+        occlusion(run, images, sign=np.where(probs >= 0.5, 1.0, -1.0))[0], floor=OCCLUSION_FLOOR)
 
 
 def _choose(saliency: str, can_gradcam: bool, can_occlusion: bool, default: str, where: object) -> str:
@@ -148,7 +150,8 @@ def _from_run(run_dir: Path, saliency: str, provider: str) -> Scored:
     from .config import TrainConfig
     from .io.sources import ImageSource
     from .io.store import open_store
-    from .train.cv import fold_rows, predict_rows
+    from .train.checkpoint import split_rows
+    from .train.cv import predict_rows
     from .train.runs import read_run_config
 
     saved = read_run_config(run_dir)
@@ -156,8 +159,8 @@ def _from_run(run_dir: Path, saliency: str, provider: str) -> Scored:
     cfg = TrainConfig.from_dict(saved, source=run_dir / "config.json")
     val_path = cfg.val_store or cfg.store
     store = open_store(val_path, need_labels=True)
-    # the rows training validated on (fit's split, which fold_rows reproduces); sorted for predict_rows
-    rows = np.arange(len(store)) if cfg.val_store else np.sort(fold_rows(cfg, store, cfg.folds, cfg.fold))
+    # the rows training validated on: the one split fit made (every row of a --val-store)
+    rows = np.arange(len(store)) if cfg.val_store else np.sort(split_rows(cfg, store)[1])
     ckpt = run_dir / "best.pt"
     onnx = run_dir / "model.onnx"
     how = _choose(saliency, True, onnx.is_file(), "gradcam", run_dir)
@@ -256,8 +259,8 @@ def _from_submission(csv_path: Path, images: Optional[Path], labels_csv: Optiona
             from .onnx_io import open_session
 
             # the stain normalization infer would apply to these images before the model
-            meta = open_session(expand_models(paths)[0], "cpu", tta=1).metadata
-            transform = _stain_transform(json.loads(meta.get("stain", '{"method": "none"}')), source.stain(), images)
+            model_stain = open_session(expand_models(paths)[0], "cpu", tta=1).checkpoint.stain
+            transform = _stain_transform(model_stain, source.stain(), images)
             sal[-1] = _occlusion_from(paths, provider, transform)
     elif saliency not in ("auto", "none"):
         raise PcamError(f"--saliency {saliency}: give the model (--model) that made {csv_path}")
@@ -286,7 +289,7 @@ def _overlay(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
     from matplotlib import colormaps
 
     colour = colormaps["jet"](heat)[..., :3]
-    alpha = 0.15 + 0.55 * heat[..., None]
+    alpha = 0.65 * heat[..., None] ** 0.7   # untinted where the map is 0: the tissue stays readable
     return np.clip((1 - alpha) * image / 255.0 + alpha * colour, 0, 1)
 
 

@@ -11,9 +11,11 @@ predicted (tumour for ``p >= 0.5``, normal below; ``sign`` overrides it).
   ``plain4``) and bilinearly upsampled. Scaled to [0, 1] per image.
 * :func:`occlusion` (Zeiler & Fergus 2014) greys out a ``window`` square at
   every ``stride`` step (with the patch's own mean colour, so no foreign
-  colour is introduced) and records how much the probability drops; a
-  pixel's value is the mean drop over the windows covering it, in
-  probability units. Model-agnostic: it needs only a function from uint8
+  colour is introduced) and records how much the model's log-odds drop
+  (``space="logit"``; a confident model's probability barely moves when
+  one square is hidden, 0.995 -> 0.99, while its log-odds drop by 0.7) or
+  its probability (``space="prob"``); a pixel's value is the mean drop over
+  the windows covering it. Model-agnostic: it needs only a function from uint8
   images to probabilities, e.g. :func:`onnx_runner`, which opens the models
   as ``pcamtool infer`` does (a ``pcamtool cv`` folder stands for its folds,
   averaged) and runs the occluded copies in batches.
@@ -206,7 +208,7 @@ def _occluded(images: np.ndarray, boxes: list[tuple[int, int]], window: int) -> 
 
 def occlusion(run: Runner, images: np.ndarray, sign: Optional[np.ndarray] = None, window: int = WINDOW,
               stride: int = STRIDE, batch_size: int = 256,
-              base: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+              base: Optional[np.ndarray] = None, space: str = "logit") -> tuple[np.ndarray, np.ndarray]:
     """Occlusion sensitivity of any model given as ``run(uint8 images) -> probabilities``.
 
     Parameters
@@ -222,25 +224,32 @@ def occlusion(run: Runner, images: np.ndarray, sign: Optional[np.ndarray] = None
         Occluded copies per ``run`` call.
     base
         The unoccluded probabilities, if already known (saves one pass).
+    space
+        ``logit``: drops of the log-odds ``log(p / (1 - p))`` (p clipped to
+        [1e-6, 1 - 1e-6]); ``prob``: drops of the probability.
 
     Returns
     -------
     (maps, probs)
-        ``(N, 96, 96)`` float32 in probability units (positive: the region
+        ``(N, 96, 96)`` float32 in ``space``'s units (positive: the region
         supports the explained class) and the unoccluded probabilities ``(N,)``.
     """
+    if space not in ("logit", "prob"):
+        raise PcamError(f"occlusion space must be 'logit' or 'prob', got {space!r}")
+    to_space = _logit if space == "logit" else (lambda v: np.asarray(v, np.float64))
     x = _check_images(images)
     pos = _positions(window, stride)
     boxes = [(y, xx) for y in pos for xx in pos]
     probs = np.asarray(run(x) if base is None else base, np.float64)
     s = _signs(probs, sign)
+    ref = to_space(probs)
     drops = np.zeros((len(x), len(boxes)), np.float64)
     pending: list[tuple[int, int, np.ndarray]] = []
 
     def flush() -> None:
-        out = np.asarray(run(np.stack([c for _, _, c in pending])), np.float64)
+        out = to_space(run(np.stack([c for _, _, c in pending])))
         for (i, b, _), q in zip(pending, out):
-            drops[i, b] = s[i] * (probs[i] - q)
+            drops[i, b] = s[i] * (ref[i] - q)
         pending.clear()
 
     for item in _occluded(x, boxes, window):
@@ -277,8 +286,18 @@ def onnx_runner(models: Sequence[str | os.PathLike], provider: str = "auto", bat
     return run
 
 
-def display_scale(maps: np.ndarray) -> np.ndarray:
-    """Each map's positive part scaled to [0, 1] by its own maximum (what a gallery tile shows)."""
+def _logit(p: np.ndarray) -> np.ndarray:
+    q = np.clip(np.asarray(p, np.float64), 1e-6, 1 - 1e-6)
+    return np.log(q) - np.log1p(-q)
+
+
+def display_scale(maps: np.ndarray, floor: float = 0.0) -> np.ndarray:
+    """Each map's positive part scaled to [0, 1] by its own maximum (what a gallery tile shows).
+
+    A map whose maximum is below ``floor`` is divided by ``floor`` instead,
+    so a patch where hiding nothing matters stays dark rather than having
+    its noise stretched to full scale.
+    """
     m = np.clip(np.asarray(maps, np.float32), 0, None)
-    peak = m.reshape(len(m), -1).max(1).reshape(-1, 1, 1)
+    peak = np.maximum(m.reshape(len(m), -1).max(1), floor).reshape(-1, 1, 1)
     return np.where(peak > 0, m / np.where(peak > 0, peak, 1), 0).astype(np.float32)

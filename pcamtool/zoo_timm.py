@@ -33,6 +33,7 @@ timm drops the file's ImageNet classifier and the head starts fresh.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import difflib
 import logging
@@ -259,8 +260,14 @@ def _check_weights_file(path: str) -> None:
         except Exception as exc:  # safetensors' own error type lives in a compiled module
             raise ModelError(f"{p}: not a readable safetensors file: {_first_line(exc)}") from None
         return
+    # as timm's own loader: weights only, plus the argparse.Namespace its training checkpoints carry
+    allow = getattr(torch.serialization, "safe_globals", None)
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        with allow([argparse.Namespace]) if allow else contextlib.nullcontext():
+            try:  # memory-mapped: a large file is not read twice into memory (zip-format files only)
+                obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:
+                obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and torch errors: all mean "not a weights file we can read"
         raise ModelError(f"{p}: not a readable PyTorch weights file: {_first_line(exc)}") from None
     if isinstance(obj, dict):

@@ -254,3 +254,13 @@ def test_no_import_reaches_up(module, forbidden):
     code = f"import sys, {module}; print({forbidden!r} in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_export_command_reports_what_it_wrote_once(tmp_path):
+    """It used to print two near-identical lines ('exported A -> B (...)' and 'wrote B (parity ...)')."""
+    out = tmp_path / "m.onnx"
+    r = subprocess.run([sys.executable, "-m", "pcamtool", "export", str(OLD / "best.pt"), "-o", str(out),
+                        "--provider", "cpu"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    said = [line for line in r.stderr.splitlines() if str(out) in line]
+    assert len(said) == 1 and said[0].startswith(f"exported {OLD / 'best.pt'} -> {out}") and r.stdout == ""

@@ -40,6 +40,7 @@ def mtimes(cv_dir: Path, name: str) -> list[int]:
     return [(cv_dir / f"fold{i}" / name).stat().st_mtime_ns for i in range(K)]
 
 
+@pytest.mark.slow
 def test_cv_trains_every_fold_and_resumes(store, tmp_path, monkeypatch):
     out = tmp_path / "cv"
     calls: list[int] = []

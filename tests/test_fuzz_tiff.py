@@ -302,6 +302,7 @@ def worker(tmp_path_factory):
     assert "tifffile" not in leaked, f"tifffile log lines reached stderr:\n{leaked[:2000]}"
 
 
+@pytest.mark.slow
 def test_fuzzed_headers_never_crash_and_agree_with_tifffile(worker):
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st

@@ -94,7 +94,7 @@ def test_occlusion_peaks_at_the_blob_and_is_a_probability_drop():
     net = detector(centre_only=False)
     images = np.stack([patch(CORNER), patch((70, 10))])
     run = torch_runner(net)
-    maps, probs = occlusion(run, images, window=16, stride=8, sign=np.ones(2))
+    maps, probs = occlusion(run, images, window=16, stride=8, sign=np.ones(2), space="prob")
     assert maps.shape == (2, 96, 96)
     for m, (y, x) in zip(maps, (CORNER, (70, 10))):
         peak = np.unravel_index(np.argmax(m), m.shape)
@@ -105,8 +105,27 @@ def test_occlusion_peaks_at_the_blob_and_is_a_probability_drop():
     blank = run(patch()[None])[0]
     assert maps.min() >= -1e-7 and maps.max() <= probs.max() - blank + 1e-6
     # explaining the other class flips the sign
-    neg, _ = occlusion(run, images, sign=-np.ones(2))
+    neg, _ = occlusion(run, images, sign=-np.ones(2), space="prob")
     assert np.allclose(neg, -maps, atol=1e-6)
+    # in log-odds (the default) the same windows matter, by the logit's own scale
+    logit, _ = occlusion(run, images, sign=np.ones(2))
+    assert np.array_equal(np.argmax(logit.reshape(2, -1), 1), np.argmax(maps.reshape(2, -1), 1))
+    one = patch(CORNER)[None]
+    hidden = one.copy()
+    hidden[0, :16, 80:96] = one.reshape(-1, 3).mean(0).round()
+    odds = lambda p: np.log(p / (1 - p))  # noqa: E731
+    corner, _ = occlusion(run, one, window=16, stride=16, sign=np.ones(1))
+    assert corner[0, 0, 95] == pytest.approx(odds(run(one)[0]) - odds(run(hidden)[0]), rel=1e-4)
+
+
+def test_display_scale_keeps_a_map_with_nothing_in_it_dark():
+    maps = np.zeros((2, 96, 96), np.float32)
+    maps[0, 10, 10] = 0.01        # noise: far below the floor
+    maps[1, 20, 20] = 2.0
+    maps[1, 30, 30] = -5.0        # against the class: not shown
+    shown = display_scale(maps, floor=0.1)
+    assert shown[0].max() == pytest.approx(0.1) and shown[1].max() == 1.0 and shown.min() == 0.0
+    assert display_scale(maps)[0].max() == 1.0      # without a floor every map is stretched to its maximum
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter, as export.py uses

@@ -41,6 +41,7 @@ def patches() -> np.ndarray:
     return np.stack(imgs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["reinhard", "macenko"])
 def test_kernel_matches_plain_python_and_numpy(patches, method):
     ref = fit_reference(patches, method)
@@ -180,6 +181,7 @@ def test_workers_give_the_same_result(patches):
     assert np.array_equal(normalize(patches, ref, workers=1), normalize(patches, ref, workers=2))
 
 
+@pytest.mark.slow
 def test_stain_metadata_round_trip_pack_train_export_infer(tmp_path):
     """The reference recorded at pack time reaches infer, which normalizes test tifs the same way."""
     import onnx

@@ -327,6 +327,16 @@ def test_unreadable_weights_files_are_one_line(tmp_path):
         assert msg.startswith(str(tmp_path / name) + ": ") and words in msg and "\n" not in msg, msg
 
 
+def test_a_timm_training_checkpoint_still_loads(weights, tmp_path):
+    """The file check reads what timm reads: a state dict wrapped with its training arguments."""
+    import argparse
+
+    sd = torch.load(weights["pth"], weights_only=True)
+    torch.save({"epoch": 3, "state_dict": sd, "args": argparse.Namespace(lr=0.1)}, tmp_path / "train.pth")
+    net = create_model(NAME, pretrained=str(tmp_path / "train.pth"))
+    assert torch.equal(net.net.state_dict()["conv1.0.weight"], sd["conv1.0.weight"])
+
+
 def test_zero_byte_pretrained_on_the_command_line_is_one_line_not_aborted(tmp_path):
     from click.testing import CliRunner
     from helpers import write_kaggle

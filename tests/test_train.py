@@ -52,6 +52,7 @@ def read_metrics(run: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_fit_writes_run_folder_and_is_deterministic(store, tmp_path):
     a = fit(tiny(store, tmp_path / "a"), progress=False)
     b = fit(tiny(store, tmp_path / "b"), progress=False)
@@ -78,11 +79,13 @@ def test_checkpoint_is_self_describing(store, tmp_path):
     assert net(x).shape == (3,)
 
 
+@pytest.mark.slow
 def test_learns_the_centre(store, tmp_path):
     res = fit(tiny(store, tmp_path / "l", epochs=6, lr=3e-3), progress=False)
     assert res.best_auc > 0.9
 
 
+@pytest.mark.slow
 def test_resume_continues_to_the_same_result(store, tmp_path):
     full = fit(tiny(store, tmp_path / "full", epochs=3, ema=0.9), progress=False)
     # a run "killed" after epoch 2: same config, resumed to 3 (EMA weights restored too)

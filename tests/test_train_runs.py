@@ -56,8 +56,8 @@ def test_resume_with_more_epochs_replans_the_schedule(store, done, tmp_path):
 def test_resume_refuses_other_changes_in_one_line(store, done, tmp_path):
     run = copy_run(done, tmp_path / "run")
     with pytest.raises(PcamError, match=r"^--resume: cannot change --lr, STORE on resume \(the run was trained "
-                                        r"with --lr 0.003, STORE .*\); only --device, .*, --epochs, --patience, --export may change: "
-                                        r"start a new run with another -o instead$"):
+                                        r"with --lr 0.003, STORE .*\); only --device, .*, --epochs, --patience, "
+                                        r"--export, --tensorboard may change: start a new run with another -o instead$"):
         fit(TrainConfig(), resume=run, progress=False, overrides={"lr": 0.1, "store": str(tmp_path / "other.h5")})
     with pytest.raises(PcamError, match=r"cannot change --hed on resume \(the run was trained with --hed False\)"):
         fit(TrainConfig(), resume=run, progress=False, overrides={"augment": {"hed": True}, "patience": 2})
@@ -220,6 +220,7 @@ def test_ctrl_c_on_the_command_line_is_one_line_and_exit_130(store, tmp_path, mo
     assert "Traceback" not in r.output and not out.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGINT"])
 def test_train_killed_mid_run_resumes_to_the_uninterrupted_metrics(store, tmp_path, sig):
     """A real kill (SIGKILL, or Ctrl-C's SIGINT) of `pcamtool train` after its first checkpoint:

@@ -231,3 +231,31 @@ def test_tta_graph_averages_the_model_over_the_chosen_copies():
             np.testing.assert_allclose(got, tta_mean(run, nhwc, tta_transforms(n)), rtol=1e-6)
     with pytest.raises(PcamError, match="opset >= 10"):
         tta_graph(score_model(9), [0])
+
+
+def test_remap_takes_transforms_and_shifts_of_any_integer_type():
+    x = batch(4, seed=6)
+    ks = torch.tensor([1, 4, 6, 7])
+    shifts = torch.tensor([[0, 2, 4, 1], [3, 0, 2, 4]])
+    want = remap(x, ks, shifts, 2)
+    for dt in (torch.int32, torch.uint8, torch.int16):
+        assert torch.equal(remap(x, ks.to(dt), shifts.to(dt), 2), want), dt
+        assert torch.equal(dihedral_batch(x, ks.to(dt)), dihedral_batch(x, ks)), dt
+
+
+def test_tta_graph_accepts_opset_10_and_the_long_domain_name():
+    from onnx import TensorProto, helper
+
+    def identity(opsets: list) -> "onnx.ModelProto":  # noqa: F821
+        g = helper.make_graph([helper.make_node("Identity", ["images"], ["p"])], "id",
+                              [helper.make_tensor_value_info("images", TensorProto.UINT8, ["b", 96, 96, 3])],
+                              [helper.make_tensor_value_info("p", TensorProto.UINT8, ["b", 96, 96, 3])])
+        return helper.make_model(g, opset_imports=opsets, ir_version=8)
+
+    for opsets in ([helper.make_opsetid("", 10)], [helper.make_opsetid("ai.onnx", 17)],
+                   [helper.make_opsetid("ai.onnx", 10), helper.make_opsetid("com.microsoft", 1)]):
+        out = tta_graph(identity(opsets), tta_transforms(4))
+        ops = [n.op_type for n in out.graph.node]
+        assert ops.count("Slice") == 4 and "Concat" in ops and ops[-1] == "ReduceMean", opsets
+    with pytest.raises(PcamError, match="needs opset >= 10, the model has 9"):
+        tta_graph(identity([helper.make_opsetid("ai.onnx", 9), helper.make_opsetid("com.microsoft", 12)]), [0])

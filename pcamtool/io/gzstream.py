@@ -216,18 +216,24 @@ class GzipSeekable(io.RawIOBase):
         window_start = self._blocks[0][0] if self._blocks else self._out
         if pos < window_start:
             self._rewind_to(pos)
-        self._floor = pos
-        while self._out < pos + want and self._advance():
-            pass
         got = 0
-        for start, block in self._blocks:
-            end = start + len(block)
-            if end <= pos + got or got == want:
+        # Copy each piece of output as soon as it is made (still in cache), and
+        # let the window move on behind the copy: a read of the whole x dataset
+        # (hundreds of MB in one call) then never holds it all twice.
+        while got < want:
+            at = pos + got
+            self._floor = at
+            if at >= self._out:
+                if not self._advance():
+                    break
                 continue
-            a = pos + got - start
-            take = min(len(block) - a, want - got)
-            view[got:got + take] = memoryview(block)[a:a + take]
-            got += take
+            for start, block in reversed(self._blocks):   # reading forward: the newest block, mostly
+                if start <= at:
+                    a = at - start
+                    take = min(len(block) - a, want - got)
+                    view[got:got + take] = memoryview(block)[a:a + take]
+                    got += take
+                    break
         self._pos += got
         return got
 

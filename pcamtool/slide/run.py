@@ -101,6 +101,7 @@ class CohortResult:
     done: list[SlideSummary] = field(default_factory=list)       # processed by this run
     skipped: list[Path] = field(default_factory=list)            # finished before
     failed: list[SlideSummary] = field(default_factory=list)
+    providers: list[str] = field(default_factory=list)            # what onnxruntime runs on, best first
 
 
 # ------------------------------------------------------------------ the cohort
@@ -407,7 +408,7 @@ def run_slides(inputs: Sequence[str | os.PathLike], models: Sequence[str | os.Pa
     model = SlideModel(models, tta=opts.tta, provider=provider, batch_size=batch_size)
     check_out(out, run_settings(model.paths, opts, model.tta), force)
     remove_dead_temp_dirs(out)
-    res = CohortResult(out, skipped=skipped)
+    res = CohortResult(out, skipped=skipped, providers=list(model.sessions[0].providers))
     if skipped:
         log.info("%d of %d slides already finished in %s: skipped", len(skipped), len(slides), out)
     try:

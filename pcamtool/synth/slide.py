@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -227,3 +228,22 @@ def label_at(cells: np.ndarray, cell_px: float, x: np.ndarray, y: np.ndarray) ->
     out[ok] = cells[r[ok], c[ok]]
     return out
 
+
+
+def write_repeated_slide(path: str | os.PathLike, n_tiles: int, mpp: float = PCAM_MPP, seed: int = 0,
+                         force: bool = False) -> Path:
+    """A 10x JPEG slide whose round tissue holds about ``n_tiles`` 96x96 tiles, for timing.
+
+    One 24x24-cell block is painted and repeated (painting 100,000 patches
+    would take longer than what is timed); the cells outside a disc are glass.
+    """
+    side = max(2, math.ceil(math.sqrt(n_tiles / (math.pi / 4))))
+    block = np.concatenate(list(paint_cells(cell_map(24, 24, tissue=((0.5, 0.5, 2.0, 2.0),), tumours=()), seed)), 0)
+    reps = math.ceil(side / 24)
+    level0 = np.tile(block, (reps, reps, 1))[: side * SIZE, : side * SIZE]
+    yy, xx = np.mgrid[0:side, 0:side]
+    for r, c in zip(*np.nonzero(((xx + 0.5) / side - 0.5) ** 2 + ((yy + 0.5) / side - 0.5) ** 2 > 0.25)):
+        level0[r * SIZE:(r + 1) * SIZE, c * SIZE:(c + 1) * SIZE] = 245
+    up = PCAM_MPP / mpp
+    write_pyramid(path, _upsample(level0, up) if up != 1 else level0, mpp, "jpeg", force=force)
+    return Path(path)

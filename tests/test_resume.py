@@ -1,0 +1,192 @@
+"""The resume policy and the training state (pcamtool.train.resume), without training a run.
+
+What may change on resume, what identifies a run, and that ``training_state``
+followed by ``restore`` puts every part (weights, EMA, optimizer, schedule,
+scaler, sampler, generators) back exactly, so the next step matches the one
+an uninterrupted run takes.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pcamtool.config import AugmentConfig, TrainConfig
+from pcamtool.contract import Classifier
+from pcamtool.device import Precision
+from pcamtool.errors import PcamError
+from pcamtool.models import create_model
+from pcamtool.train.checkpoint import Checkpoint
+from pcamtool.train.data import Batch, BatchLoader, RowSource
+from pcamtool.train.loop import create_trainer, train_step
+from pcamtool.train.resume import MACHINE, RESUMABLE, check_changes, given_options, restore, training_state
+
+from test_data import FakeStore
+
+CPU = torch.device("cpu")
+FP32 = Precision("cpu", None, False, "fp32: test")
+RUN = Path("runs/x")
+
+
+# ------------------------------------------------------------------ the policy
+
+
+def test_what_may_change_on_resume():
+    assert set(MACHINE) == {"device", "threads", "cache", "compile", "tensorboard"}
+    assert set(RESUMABLE) == set(MACHINE) | {"epochs", "patience", "export"}
+    for learnt in ("lr", "batch_size", "seed", "arch", "optimizer", "schedule", "label_smoothing", "ema", "augment"):
+        assert learnt not in RESUMABLE
+
+
+def test_allowed_changes_are_returned_and_unchanged_options_dropped():
+    run = TrainConfig(epochs=4, device="cpu", threads=1)
+    got = check_changes(run, {"epochs": 8, "device": "cpu", "threads": 2, "lr": run.lr}, RUN)
+    assert got == {"epochs": 8, "threads": 2}
+    assert check_changes(run, {}, RUN) == {}
+    # the run's own folder given as -o, and paths spelt another way, are no change
+    assert check_changes(run, {"out": str(RUN), "store": "./" + run.store}, RUN) == {}
+    assert check_changes(run, {"out": None}, RUN) == {}
+    assert check_changes(run, {"augment": {"flip": run.augment.flip}}, RUN) == {}
+
+
+def test_refused_changes_name_the_option_and_the_run_value():
+    run = TrainConfig(lr=2e-3, epochs=4)
+    with pytest.raises(PcamError) as e:
+        check_changes(run, {"lr": 1e-3, "epochs": 8}, RUN)
+    msg = str(e.value)
+    assert msg.startswith("--resume: cannot change --lr on resume (the run was trained with --lr 0.002); only ")
+    assert "--epochs" in msg and "start a new run with another -o instead" in msg and "\n" not in msg
+    with pytest.raises(PcamError, match=r"cannot change --color-strength on resume \(the run was trained with "
+                                        r"--color-strength 0.02\)"):
+        check_changes(run, {"augment": {"hue": 0.1}}, RUN)
+    with pytest.raises(PcamError, match=r"cannot change --out"):
+        check_changes(run, {"out": "elsewhere"}, RUN)
+    with pytest.raises(PcamError, match=r"cannot change STORE on resume \(the run was trained with STORE data/train.h5\)"):
+        check_changes(run, {"store": "other.h5"}, RUN)
+    with pytest.raises(PcamError, match=r"cannot change --no-such-option"):
+        check_changes(run, {"no_such_option": 1}, RUN, allowed=RESUMABLE + ("no_such_option",))
+
+
+def test_cv_allows_only_the_machine_options():
+    run = TrainConfig(epochs=4)
+    assert check_changes(run, {"cache": "ram"}, RUN, allowed=MACHINE, what="cv") == {"cache": "ram"}
+    with pytest.raises(PcamError, match=r"^cv: cannot change --epochs on resume .* only --device, --threads"):
+        check_changes(run, {"epochs": 9}, RUN, allowed=MACHINE, what="cv")
+
+
+def test_given_options_are_the_fields_a_library_caller_set_differently():
+    run = TrainConfig(epochs=4, lr=2e-3)
+    mine = TrainConfig(epochs=6, lr=2e-3, augment=AugmentConfig(hue=0.05))
+    assert given_options(mine, run) == {"epochs": 6, "augment": {"hue": 0.05}}
+    assert given_options(run, run) == {}
+    assert given_options(TrainConfig(epochs=None), run) == {}   # unset counts as not given
+
+
+# ------------------------------------------------------------------ state round trip
+
+
+def parts(seed: int = 0, ema: float = 0.5, scaler_precision: Precision = FP32):
+    torch.manual_seed(seed)
+    net = Classifier(create_model("pcamnet", width=4, dropout=0.0), [0.5] * 3, [0.25] * 3)
+    cfg = TrainConfig(seed=3, augment=AugmentConfig(), lr=1e-2, ema=ema, batch_size=4)
+    t = create_trainer(cfg, net, CPU, scaler_precision, total_steps=20)
+    store = FakeStore(12)
+    loader = BatchLoader(RowSource(store, "mmap", CPU), np.arange(12), 4, shuffle=True, seed=3, prefetch=0)
+    return t, loader
+
+
+def checkpoint(t, loader) -> Checkpoint:
+    # deep copies: state dicts hold the live tensors, which the next steps change (last.pt is written at once)
+    return Checkpoint(arch="pcamnet", model_kwargs={"width": 4}, mean=(0.5,) * 3, std=(0.25,) * 3,
+                      weights={k: v.clone() for k, v in t.ema.model.state_dict().items()},
+                      config={"seed": 3}, epoch=1,
+                      training_state=copy.deepcopy(training_state(t, loader, CPU)))
+
+
+def run_epoch(t, loader) -> list[float]:
+    return [float(train_step(t, b)) for b in loader]
+
+
+def test_restore_continues_exactly_like_an_uninterrupted_run():
+    t, loader = parts()
+    run_epoch(t, loader)
+    ck = checkpoint(t, loader)
+    want = run_epoch(t, loader)                      # the uninterrupted second epoch
+    want_w = [p.detach().clone() for p in t.net.parameters()]
+    want_ema = [p.detach().clone() for p in t.ema.model.parameters()]
+
+    fresh, fresh_loader = parts(seed=99)             # other initial weights, other generator state
+    restore(fresh, fresh_loader, ck, RUN / "last.pt", FP32, CPU)
+    assert fresh_loader.epoch == 1 and fresh.sched.last_epoch == t.sched.last_epoch - 3
+    got = run_epoch(fresh, fresh_loader)
+    assert got == want                               # same batches, same augmentation, same steps
+    assert all(torch.equal(a, b) for a, b in zip(fresh.net.parameters(), want_w))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.ema.model.parameters(), want_ema))
+    assert fresh.opt.param_groups[0]["lr"] == t.opt.param_groups[0]["lr"]
+
+
+def test_training_state_holds_every_part():
+    t, loader = parts()
+    run_epoch(t, loader)
+    st = training_state(t, loader, CPU)
+    assert set(st) == {"train_weights", "optimizer", "scheduler", "scaler", "sampler", "rng"}
+    assert st["sampler"] == {"epoch": 1, "seed": 3, "rows": 12, "world": 1}
+    assert st["scheduler"]["last_epoch"] == 3
+    assert st["rng"]["device"] == "cpu" and st["rng"]["cuda"] is None
+    assert torch.equal(st["rng"]["augment"], t.gen.get_state())
+    assert torch.equal(st["rng"]["cpu"], torch.get_rng_state())
+    assert st["scaler"] == {"scaler": {}, "skipped": 0}
+
+
+def test_restore_on_another_device_kind_reseeds_the_augmentation(caplog):
+    t, loader = parts()
+    run_epoch(t, loader)
+    ck = checkpoint(t, loader)
+    ck.training_state["rng"] = {**ck.training_state["rng"], "device": "cuda"}
+    fresh, fresh_loader = parts()
+    with caplog.at_level(logging.WARNING, logger="pcamtool"):
+        restore(fresh, fresh_loader, ck, RUN / "last.pt", FP32, CPU)
+    assert "saved on cuda, resumed on cpu: random augmentation restarts from the seed" in caplog.text
+    want = torch.Generator().manual_seed(3 + 7919 * 1).get_state()
+    assert torch.equal(fresh.gen.get_state(), want)
+
+
+def test_restore_in_another_precision_starts_the_scaler_afresh(caplog):
+    fp16 = Precision("cpu", torch.float16, False, "fp16: test")
+    t, loader = parts(scaler_precision=fp16)
+    t.scaler.skipped.fill_(5)
+    ck = checkpoint(t, loader)
+    ck = Checkpoint(**{**ck.__dict__, "precision": "fp16"})
+    fresh, fresh_loader = parts()
+    with caplog.at_level(logging.WARNING, logger="pcamtool"):
+        restore(fresh, fresh_loader, ck, RUN / "last.pt", FP32, CPU)
+    assert "trained in fp16, resumed in fp32: the loss scaler starts afresh" in caplog.text
+    assert int(fresh.scaler.skipped) == 0
+    same, same_loader = parts(scaler_precision=fp16)
+    restore(same, same_loader, ck, RUN / "last.pt", fp16, CPU)
+    assert int(same.scaler.skipped) == 5
+
+
+def test_restore_without_ema_leaves_the_average_alone_and_refuses_other_optimizers():
+    t, loader = parts(ema=0.0)
+    ck = checkpoint(t, loader)
+    fresh, fresh_loader = parts(ema=0.0, seed=5)
+    restore(fresh, fresh_loader, ck, RUN / "last.pt", FP32, CPU)
+    assert fresh.ema.model is fresh.net
+    assert all(torch.equal(a, b) for a, b in zip(fresh.net.parameters(), t.net.parameters()))
+    ck.training_state["optimizer"] = {"state": {}, "param_groups": []}
+    with pytest.raises(PcamError, match=r"last.pt: optimizer state does not fit this run \("):
+        restore(fresh, fresh_loader, ck, RUN / "last.pt", FP32, CPU)
+
+
+def test_old_checkpoint_without_sampler_state_resumes_at_its_epoch():
+    t, loader = parts()
+    ck = checkpoint(t, loader)
+    del ck.training_state["sampler"]
+    fresh, fresh_loader = parts()
+    restore(fresh, fresh_loader, ck, RUN / "last.pt", FP32, CPU)
+    assert fresh_loader.epoch == 1
