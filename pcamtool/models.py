@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from .errors import ModelError
 from . import zoo_timm  # imports timm only when a timm network is resolved or built
+from .constants import TIMM_PREFIX  # names handed to pcamtool.zoo_timm
 from .jsonutil import jsonable
 
 DEFAULT_MODEL = "plain4"  # best AUC per compute on real tissue (benchmarks/RESULTS.md)
@@ -265,7 +266,6 @@ def _init(model: nn.Module) -> None:
 
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {"pcamnet": PcamResNet, "simple": SimpleCNN, "plain4": PlainCNN}
-TIMM_PREFIX = zoo_timm.PREFIX  # names handed to pcamtool.zoo_timm
 
 
 def is_timm(name: str) -> bool:

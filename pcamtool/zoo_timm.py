@@ -47,11 +47,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .constants import PATCH_SIZE  # the side of a PCam patch: what the backbone receives
+from .constants import TIMM_PREFIX as PREFIX  # the one definition of "timm:"
 from .errors import ModelError
 from .jsonutil import jsonable
 
-PREFIX = "timm:"
-PATCH_SIZE = 96  # the side of a PCam patch: what the backbone receives
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
 _RECORDED = ("timm_name", "img_size", "pretrained", "timm_kwargs", "timm_version")
 

@@ -196,7 +196,8 @@ def test_models_imports_no_timm_and_one_prefix():
     import sys
 
     code = ("import sys, pcamtool.models as m, pcamtool.zoo_timm as z, pcamtool.jsonutil as j\n"
-            "assert m.TIMM_PREFIX is z.PREFIX == 'timm:'\n"
+            "import pcamtool.constants as c\n"
+            "assert m.TIMM_PREFIX is z.PREFIX is c.TIMM_PREFIX == 'timm:'\n"
             "assert m.jsonable is j.jsonable and z.jsonable is j.jsonable\n"
             "assert 'timm' not in sys.modules and 'torchvision' not in sys.modules\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -315,7 +315,7 @@ def test_official_split_train_val_store_infer_every_row_evaluate(tmp_path):
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(cli, ["-q", "export", str(run)])
     assert r.exit_code == 0, r.output
-    model = next(run.rglob("model.onnx"))
+    model = run / "model.onnx"   # export writes it into the run folder
     sub = tmp_path / "sub.csv"
     r = CliRunner().invoke(cli, ["-q", "infer", str(tmp_path / "pcam_test.h5"), "--model", str(model),
                                  "--tta", "1", "-o", str(sub)])
