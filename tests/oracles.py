@@ -133,3 +133,55 @@ def bce_with_logits(logits: np.ndarray, targets: np.ndarray) -> float:
     z = np.asarray(logits, np.float64)
     y = np.asarray(targets, np.float64)
     return float(np.mean(np.logaddexp(0.0, z) - y * z))
+
+
+# ---------------------------------------------------------------- augmentation
+
+def color_jitter_numpy(x: np.ndarray, brightness: float, contrast: float, saturation: float, hue: float,
+                       u: dict[str, np.ndarray]) -> np.ndarray:
+    """Colour jitter of float NCHW images in float64, one image at a time, from the uniform draws ``u``.
+
+    ``u[name]`` holds each image's U(0, 1) draw for that jitter. Saturation
+    blends with BT.601 luma grey, hue rotates about the grey axis by
+    Rodrigues' formula, brightness scales, contrast blends with the mean luma
+    of the jittered image; the result is clipped to [0, 1].
+    """
+    luma = np.array([0.299, 0.587, 0.114])
+    k = np.ones(3) / np.sqrt(3.0)
+    kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    out = np.empty_like(x, dtype=np.float64)
+    for i, img in enumerate(x.astype(np.float64)):
+        rgb = img.reshape(3, -1)
+        m = np.eye(3)
+        if saturation > 0:
+            s = 1 + saturation * (2 * u["saturation"][i] - 1)
+            m = (s * np.eye(3) + (1 - s) * np.tile(luma, (3, 1))) @ m
+        if hue > 0:
+            th = hue * (2 * u["hue"][i] - 1) * 2 * np.pi
+            m = (np.cos(th) * np.eye(3) + np.sin(th) * kx + (1 - np.cos(th)) * np.outer(k, k)) @ m
+        if brightness > 0:
+            m = (1 + brightness * (2 * u["brightness"][i] - 1)) * m
+        y = m @ rgb
+        if contrast > 0:
+            f = 1 + contrast * (2 * u["contrast"][i] - 1)
+            y = (y - luma @ y.mean(1)) * f + luma @ y.mean(1)
+        out[i] = np.clip(y, 0, 1).reshape(img.shape)
+    return out
+
+
+def hed_jitter_numpy(x: np.ndarray, sigma: float, bias: float, u_alpha: np.ndarray, u_beta: np.ndarray,
+                     rgb_from_hed: np.ndarray) -> np.ndarray:
+    """Tellez HED jitter by way of scikit-image's rgb2hed / hed2rgb formulas (no clipping of stains), float64.
+
+    ``u_alpha``, ``u_beta``: ``(B, 3)`` U(0, 1) draws; alpha = 1 + sigma (2u - 1), beta = bias (2u - 1).
+    """
+    hed_from_rgb = np.linalg.inv(rgb_from_hed)
+    log_adjust = np.log(1e-6)
+    out = np.empty_like(x, dtype=np.float64)
+    for i, img in enumerate(x.astype(np.float64)):
+        rgb = img.reshape(3, -1).T                                       # pixels x RGB
+        hed = (np.log(np.maximum(rgb, 1e-6)) / log_adjust) @ hed_from_rgb
+        hed = hed * (1 + sigma * (2 * u_alpha[i] - 1)) + bias * (2 * u_beta[i] - 1)
+        back = np.exp((hed * log_adjust) @ rgb_from_hed)
+        out[i] = np.clip(back, 0, 1).T.reshape(img.shape)
+    return out

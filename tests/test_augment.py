@@ -167,3 +167,63 @@ def test_constants_are_made_once_per_device(monkeypatch):
         monkeypatch.setattr(torch, name, lambda *a, _o=orig, _n=name, **k: (made.append(_n), _o(*a, **k))[1])
     out = augment_batch(batch(4, seed=1), cfg, gen(1))
     assert made == [] and out.shape == (4, 3, 96, 96)
+
+
+# ------------------------------------------------------- pinned against NumPy twins
+
+
+def draws(seed: int, *shapes: tuple[int, ...]) -> list[np.ndarray]:
+    """The U(0, 1) numbers a generator seeded ``seed`` gives, in the order augmentation asks for them."""
+    g = gen(seed)
+    return [torch.rand(s, generator=g).double().numpy() for s in shapes]
+
+
+@pytest.mark.parametrize("which", [dict(brightness=0.3), dict(contrast=0.4), dict(saturation=0.5), dict(hue=0.2),
+                                   dict(brightness=0.2, contrast=0.3, saturation=0.4, hue=0.1)])
+def test_color_jitter_matches_the_numpy_twin(which):
+    from oracles import color_jitter_numpy
+
+    strengths = {"brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0, **which}
+    x = batch(4, seed=2) * 0.6 + 0.2
+    order = [k for k in ("saturation", "hue", "brightness", "contrast") if strengths[k] > 0]
+    u = dict(zip(order, (d.reshape(-1) for d in draws(9, *[(4, 1, 1)] * len(order)))))
+    got = color_jitter(x, strengths["brightness"], strengths["contrast"], strengths["saturation"],
+                       strengths["hue"], gen(9))
+    want = color_jitter_numpy(x.numpy(), u=u, **strengths)
+    np.testing.assert_allclose(got.double().numpy(), want, atol=2e-5)
+    assert not np.allclose(want, x.numpy(), atol=1e-3)
+
+
+def test_hed_jitter_matches_the_numpy_twin():
+    from oracles import hed_jitter_numpy
+
+    x = batch(3, seed=4)
+    ua, ub = draws(6, (3, 3), (3, 3))
+    got = hed_jitter(x, 0.2, 0.05, gen(6))
+    want = hed_jitter_numpy(x.numpy(), 0.2, 0.05, ua, ub, RGB_FROM_HED)
+    np.testing.assert_allclose(got.double().numpy(), want, atol=3e-5)
+    assert np.abs(want - x.numpy()).max() > 0.01
+    assert np.allclose(RGB_FROM_HED, [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+
+
+def test_augment_batch_is_hed_then_colour_then_one_gather():
+    """The order of the stages and of the random draws, rebuilt from the stages themselves."""
+    from pcamtool.tta import remap
+
+    x = batch(6, seed=8)
+    cfg = AugmentConfig(flip=True, shift=True, shift_px=3, color=True, brightness=0.1, contrast=0.1,
+                        saturation=0.1, hue=0.05, hed=True, hed_sigma=0.05, hed_bias=0.02)
+    got = augment_batch(x, cfg, gen(12))
+    g = gen(12)
+    y = hed_jitter(x, 0.05, 0.02, g)
+    y = color_jitter(y, 0.1, 0.1, 0.1, 0.05, g)
+    ks = torch.randint(0, 8, (6,), generator=g)
+    shifts = torch.randint(0, 7, (2, 6), generator=g)
+    assert torch.equal(got, remap(y, ks, shifts, 3))
+    # shift alone: a reflect-padded crop of up to shift_px, and no transform
+    only_shift = dataclasses.replace(AugmentConfig.off(), shift=True, shift_px=2)
+    g = gen(3)
+    assert torch.equal(augment_batch(x, only_shift, gen(3)),
+                       remap(x, None, torch.randint(0, 5, (2, 6), generator=g), 2))
+    assert torch.equal(random_shift(x, 2, gen(3)), augment_batch(x, only_shift, gen(3)))
+    assert random_shift(x, 0, gen(3)) is x

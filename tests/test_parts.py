@@ -212,6 +212,7 @@ def test_fp32_scaler_is_a_pass_through():
 def test_fp16_scaler_skips_overflowing_steps_and_counts_them():
     s = LossScaler(FP16, CPU)
     assert s.scaler.is_enabled()
+    assert s.skipped.dtype == torch.int64   # an exact count (a float32 one stops counting at 2**24)
     scale = s.scaler.get_scale()
     _, w = one_step(s, float("inf"))
     assert torch.equal(w, torch.ones(1, 2)) and int(s.skipped) == 1   # the step was skipped
@@ -252,3 +253,25 @@ def test_dist_reads_rank_and_world_from_torchrun(monkeypatch):
     monkeypatch.setenv("RANK", "3")
     d = Dist(CPU)
     assert d.rank == 3 and not d.main and not d.enabled
+
+
+def test_dist_under_a_process_group_wraps_gathers_and_closes(monkeypatch, tmp_path):
+    """The DDP paths in one process: a gloo group of one rank stands in for torchrun's."""
+    monkeypatch.setenv("WORLD_SIZE", "2")   # torchrun's variables say several ranks; the group has one
+    monkeypatch.setenv("RANK", "0")
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        d = Dist(CPU)                        # finds the group already made: does not make another
+        assert d.enabled and d.main and d.world == 2
+        d.world = 1                          # the group's real size, for the gather below
+        assert d.local_device(CPU) == CPU    # a CPU run keeps its device whatever the rank
+        m = net()
+        wrapped = d.wrap(m, CPU)
+        assert isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) and wrapped.module is m
+        t = torch.arange(4.0)
+        got = d.all_gather(t)
+        assert torch.equal(got, t) and got is not t
+        d.barrier()
+    finally:
+        d.close()
+    assert not torch.distributed.is_initialized()

@@ -171,3 +171,24 @@ def test_read_groups_refuses_a_wrong_header_or_a_missing_id(tmp_path: Path):
         read_groups(tmp_path / "nope.csv", np.array(["a"]))
     with pytest.raises(PcamError, match=r": is a folder, expected an id,group CSV file"):
         read_groups(tmp_path, np.array(["a"]))
+
+
+def test_resolve_groups_prefers_the_file_then_the_store_slides(tmp_path: Path, caplog):
+    import logging
+    from types import SimpleNamespace
+
+    from pcamtool.train.split import resolve_groups
+
+    p = tmp_path / "g.csv"
+    p.write_text("id,group\na,s1\nb,s2\nc,s1\n")
+    with_slides = SimpleNamespace(ids=np.array(["a", "b", "c"]), groups=np.array(["x", "y", "y"]), path="st.h5")
+    with caplog.at_level(logging.INFO, logger="pcamtool"):
+        assert resolve_groups(with_slides, p).tolist() == ["s1", "s2", "s1"]
+        assert "splitting by the 2 groups of " in caplog.text and "g.csv" in caplog.text
+        caplog.clear()
+        assert resolve_groups(with_slides, None).tolist() == ["x", "y", "y"]
+        assert "splitting by slide: 2 slides recorded in st.h5" in caplog.text
+        caplog.clear()
+        assert resolve_groups(SimpleNamespace(ids=np.array(["a"]), groups=None), "") is None
+        assert resolve_groups(SimpleNamespace(ids=np.array(["a"])), None) is None
+        assert caplog.text == ""

@@ -118,9 +118,13 @@ class Checkpoint:
             raise ModelError(f"tta_default {self.tta_default!r} is not one of {TTA_CHOICES}")
         for name in ("mean", "std"):
             v = getattr(self, name)
-            if len(v) != 3 or not all(np.isfinite(v)):
-                raise ModelError(f"checkpoint {name} must be 3 finite numbers, got {v!r}")
-            object.__setattr__(self, name, tuple(float(x) for x in v))
+            try:
+                arr = np.asarray(v, np.float64)
+            except (TypeError, ValueError):
+                arr = np.empty(0)
+            if arr.shape != (3,) or not np.isfinite(arr).all():
+                raise ModelError(f"checkpoint {name} must be 3 finite numbers, got {str(v)[:60]}")
+            object.__setattr__(self, name, tuple(float(x) for x in arr))
 
     # --------------------------------------------------------------- the .pt file
 
@@ -305,13 +309,15 @@ class Checkpoint:
             try:
                 return parse(meta[key])
             except (TypeError, ValueError):
-                raise ModelError(f"{where}: metadata {key} {meta[key][:60]!r} does not parse") from None
+                raise ModelError(f"{key} {meta[key][:60]!r} does not parse") from None   # prefixed below
 
         raw_tta = meta.get("tta_default", str(DEFAULT_TTA))
         if not raw_tta.isdigit() or int(raw_tta) not in TTA_CHOICES:
             raise ModelError(f"{where}: metadata tta_default {raw_tta!r} is not one of {TTA_CHOICES}")
-        store = get("store", json.loads, {}) or {}
         try:
+            store = get("store", json.loads, {}) or {}
+            if not isinstance(store, dict):
+                raise ModelError(f"store {meta['store'][:60]!r} is not a JSON object")
             return cls(arch=meta.get("arch", "?"), model_kwargs=get("model_kwargs", json.loads, {}),
                        mean=get("mean", json.loads, [0.0] * 3), std=get("std", json.loads, [1.0] * 3),
                        stain=StainReference.from_json(meta.get("stain")),
