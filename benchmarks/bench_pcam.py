@@ -133,7 +133,10 @@ def _torchvision_loop(x: Path, rows: int) -> int:
 
 
 def _backward_seeks(x: Path) -> int:
-    """Reads below the furthest byte read so far while h5py reads x whole: each one a restart from byte 0 for gzip.GzipFile."""
+    """Reads below the furthest byte read so far while h5py reads x whole.
+
+    Each one is a restart from byte 0 for ``gzip.GzipFile``.
+    """
     plain = x.with_name(x.name.removesuffix(".gz"))
     with gzip.open(x, "rb") as src, open(plain, "wb") as dst:
         shutil.copyfileobj(src, dst, 2**22)

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from .errors import PcamError
-from .models import DEFAULT_MODEL, resolve_model_args, transfer_kwargs
+from .models import DEFAULT_MODEL, is_timm, resolve_model_args, transfer_kwargs
 from .system import cpu_threads
 
 @dataclass(frozen=True)
@@ -97,6 +97,9 @@ SCHEDULES = ("cosine", "onecycle")
 # 176k-row training split of the full Kaggle data, 20k synthetic) 10 passes
 # are plenty and what a GPU-epoch budget is planned around.
 AUTO_SAMPLES = 100_000
+# The most epochs a run takes: far beyond any useful run (the auto default is at most 40), and a bound
+# for a config.json or library caller the command line's own limit does not reach.
+MAX_EPOCHS = 10_000
 AUTO_MIN_EPOCHS = 10
 AUTO_MAX_EPOCHS = 40
 
@@ -163,6 +166,8 @@ _RENAMED = {"compile_": "compile", "export_": "export"}
 # Fields holding file or folder paths (compared as resolved paths, converted from Path objects).
 PATH_FIELDS = ("store", "out", "val_store", "groups", "init_weights", "pretrained")
 _COLOR = ("brightness", "contrast", "saturation", "hue")
+# Model arguments that have their own training option (timm networks): never given as --model-arg.
+_OPTION_ARGS = ("img_size", "pretrained")
 # Options that choose the validation split; --val-store replaces the split.
 _SPLIT = ("val_frac", "folds", "fold", "groups")
 
@@ -218,7 +223,8 @@ class TrainConfig:
         self._check_types()
         folds = self.folds
         checks = [
-            (self.epochs is None or self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
+            (self.epochs is None or 1 <= self.epochs <= MAX_EPOCHS,
+             f"--epochs must be between 1 and {MAX_EPOCHS:,}, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
             (math.isfinite(self.lr) and self.lr > 0, f"--lr must be a finite positive number, got {self.lr}"),
             (math.isfinite(self.weight_decay) and self.weight_decay >= 0,
@@ -249,6 +255,12 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise PcamError(msg)
+        for key in _OPTION_ARGS:
+            # the option of the same name decides it (transfer_kwargs overwrites the argument with the
+            # option's value), so an argument would be recorded in config.json yet ignored
+            if key in self.model_kwargs and is_timm(self.arch):   # built-in models refuse it themselves
+                raise PcamError(f"--model-arg {key}={self.model_kwargs[key]}: {key} is set with {flag(key)}, "
+                                f"not as a model argument")
         self.resolved_model_args()
 
     def resolved_model_args(self) -> dict[str, Any]:
@@ -333,6 +345,9 @@ class TrainConfig:
             raise PcamError(f"unknown training option(s): {', '.join(unknown)}")
         if "fold" in given and "folds" not in given:
             raise PcamError(f"--fold {given['fold']} needs --folds (the number of folds)")
+        if "val_frac" in given and "folds" in given:   # make_split takes 1/K per fold and ignores val_frac
+            raise PcamError(f"--val-frac {given['val_frac']} has no effect with --folds {given['folds']} "
+                            f"(each fold validates on 1/{given['folds']} of the store): give one of them")
         split = [flag(k) for k in _SPLIT if k in given]
         if "val_store" in given and split:
             raise PcamError(f"--val-store replaces the train/validation split: {', '.join(split)} "

@@ -78,11 +78,12 @@ def _check_images(ck: Checkpoint, store_path: Optional[str | os.PathLike], n: in
 
 
 def _write_checked(ck: Checkpoint, tmp: Path, out_path: Path, meta: dict[str, str],
-                   fp16: bool, opset: int, images: np.ndarray, provider: str) -> tuple[float, str]:
+                   fp16: bool, opset: int, images: np.ndarray, provider: str,
+                   where: Optional[Path] = None) -> tuple[float, str]:
     """Export to ``tmp`` with ``meta``, run onnx.checker and the parity check; ``(max diff, provider)``."""
     import onnx
 
-    net = ck.build_model()
+    net = ck.build_model(where)
     ref_model = ProbabilityModel(net).eval()   # fp32, the reference even for an fp16 graph (net stays fp32)
     model = ProbabilityModel(net, torch.float16 if fp16 else torch.float32).eval()
     with warnings.catch_warnings(), torch.no_grad():
@@ -90,7 +91,7 @@ def _write_checked(ck: Checkpoint, tmp: Path, out_path: Path, meta: dict[str, st
         torch.onnx.export(model, (torch.from_numpy(images[:2]),), str(tmp), input_names=[INPUT],
                           output_names=[OUTPUT], opset_version=opset, dynamo=False,
                           dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
-    _set_metadata(onnx.load(str(tmp)), meta, tmp, out_path)
+    _set_metadata(_load_written(tmp, out_path), meta, tmp, out_path)
     sess = open_session(tmp, provider, batch_size=len(images), tta=1)
     got = sess.run(images)
     with torch.no_grad():
@@ -101,6 +102,39 @@ def _write_checked(ck: Checkpoint, tmp: Path, out_path: Path, meta: dict[str, st
         raise ModelError(f"{out_path}: onnxruntime ({sess.providers[0]}) differs from PyTorch by "
                          f"{diff:.2e} (> {bound:g}) on {len(images)} images: export refused")
     return diff, sess.providers[0]
+
+
+def _load_written(tmp: Path, out_path: Path) -> Any:
+    """The graph just written to ``tmp``; an unreadable one is a ModelError naming ``out_path``."""
+    import onnx
+
+    try:
+        return onnx.load(str(tmp))
+    except Exception as exc:  # protobuf's DecodeError, a truncated file, ...: the exporter's fault, not the user's
+        raise ModelError(f"{out_path}: the exported graph does not load back "
+                         f"({type(exc).__name__}: {str(exc).strip()[:120]}); nothing was written") from None
+
+
+def _naming_output(exc: Exception, temporaries: list[Path], out_path: Path) -> Exception:
+    """``exc`` naming ``out_path``, never the temporaries export writes on the way.
+
+    The user asked for ``out_path``; ``.NAME.<pid>.<hex>.partial`` beside it
+    and ``pcamtool-export-*/fp32.onnx`` (the int8 export's fp32 graph in the
+    temporary folder) are names they never gave and cannot find afterwards.
+    """
+    if isinstance(exc, OSError):
+        why = exc.strerror or type(exc).__name__
+        name = str(exc.filename or "")
+        if name and not any(name == str(t) for t in temporaries[:1]) and name.startswith(tempfile.gettempdir()):
+            return PcamError(f"{out_path}: cannot export ({why} in the temporary folder {tempfile.gettempdir()}, "
+                             f"where the int8 export works: set TMPDIR to a folder with room)")
+        return PcamError(f"{out_path}: cannot export ({why}); nothing was written")
+    text = str(exc)
+    for tmp in temporaries:
+        text = text.replace(str(tmp), str(out_path))
+    if text == str(exc):
+        return exc
+    return ModelError(text) if isinstance(exc, ModelError) else PcamError(text)
 
 
 def _set_metadata(proto: Any, meta: dict[str, str], tmp: Path, out_path: Path) -> None:
@@ -158,6 +192,8 @@ def export_onnx(source: Optional[str | os.PathLike] = None, out: Optional[str | 
 
     ckpt_path = resolve_checkpoint(source)
     ck = Checkpoint.load(ckpt_path).without_training_state()
+    if not ck.weights:   # before any output is locked or any image read
+        raise ModelError(f"{ckpt_path}: checkpoint holds no weights (model {ck.arch}): nothing to export")
     if tta_default is not None:
         if tta_default not in TTA_CHOICES:
             raise PcamError(f"--tta {tta_default}: choose from {', '.join(map(str, TTA_CHOICES))}")
@@ -171,15 +207,23 @@ def export_onnx(source: Optional[str | os.PathLike] = None, out: Optional[str | 
     meta = ck.to_onnx_metadata("fp16" if fp16 else "fp32")
     check = None
     with atomic_path(out_path, force=force) as tmp:
-        if not int8:
-            diff, ran_on = _write_checked(ck, tmp, out_path, meta, fp16, opset, images, provider)
-        else:
-            with tempfile.TemporaryDirectory(prefix="pcamtool-export-") as work:
-                fp32 = Path(work) / "fp32.onnx"
-                diff, ran_on = _write_checked(ck, fp32, out_path, meta, False, opset, images, "cpu")
-                check = quantize_checked(fp32, tmp, ck, store_path, out_path, calibration_images)
-            meta = {**meta, **check.metadata()}
-            _set_metadata(onnx.load(str(tmp)), meta, tmp, out_path)
+        temporaries = [tmp]
+        try:
+            if not int8:
+                diff, ran_on = _write_checked(ck, tmp, out_path, meta, fp16, opset, images, provider, ckpt_path)
+            else:
+                with tempfile.TemporaryDirectory(prefix="pcamtool-export-") as work:
+                    fp32 = Path(work) / "fp32.onnx"
+                    temporaries.append(fp32)
+                    diff, ran_on = _write_checked(ck, fp32, out_path, meta, False, opset, images, "cpu", ckpt_path)
+                    check = quantize_checked(fp32, tmp, ck, store_path, out_path, calibration_images)
+                meta = {**meta, **check.metadata()}
+                _set_metadata(_load_written(tmp, out_path), meta, tmp, out_path)
+        except (PcamError, OSError) as exc:
+            raised = _naming_output(exc, temporaries, out_path)
+            if raised is exc:
+                raise
+            raise raised from None
     log.info("exported %s -> %s (max |onnx - torch| %.1e on %d images, %s)", ckpt_path, out_path, diff,
              len(images), ran_on)
     if check is not None:

@@ -108,8 +108,30 @@ def expand_models(paths: Sequence[str | os.PathLike]) -> list[Path]:
         folds = sorted(p.glob("fold*/model.onnx"), key=lambda q: (len(q.parent.name), q.parent.name))
         if not folds:
             raise ModelError(f"{p}: a folder, but no fold*/model.onnx in it (export a cv run with 'pcamtool cv')")
+        k = _cv_fold_count(p)
+        if k is not None:
+            # an ensemble quietly short of a fold is another model than the one cv measured
+            missing = [p / f"fold{i}" / "model.onnx" for i in range(k) if not (p / f"fold{i}" / "model.onnx").is_file()]
+            if missing:
+                raise ModelError(f"{missing[0]}: missing, and the cv run in {p} has {k} folds "
+                                 f"({len(missing)} without a model; 'pcamtool cv --resume {p}' exports them)")
+            folds = [p / f"fold{i}" / "model.onnx" for i in range(k)]
         out += folds
     return out
+
+
+def _cv_fold_count(cv_dir: Path) -> Optional[int]:
+    """How many folds the cv run in ``cv_dir`` has (its ``cv.json``, else ``cv_config.json``); None if neither says."""
+    import json
+
+    for name in ("cv.json", "cv_config.json"):
+        try:
+            k = json.loads((cv_dir / name).read_text()).get("folds")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(k, int) and not isinstance(k, bool) and k >= 1:
+            return k
+    return None
 
 
 def combine(per_model: np.ndarray, average: str = "mean") -> np.ndarray:

@@ -310,7 +310,8 @@ def transfer_kwargs(name: str, kwargs: dict[str, Any], pretrained: Optional[str]
     if not is_timm(name):
         bad = [k for k, v in given.items() if v]
         if bad:
-            raise ModelError(f"{' and '.join(bad)} need a timm network (--arch timm:NAME), not {name!r}")
+            verb = "need" if len(bad) > 1 else "needs"
+            raise ModelError(f"{' and '.join(bad)} {verb} a timm network (--arch timm:NAME), not {name!r}")
         return out
     if pretrained is not None:
         out["pretrained"] = True if pretrained == HUB else pretrained

@@ -79,6 +79,12 @@ class StainReference:
             if arr.shape != shape or not np.isfinite(arr).all():
                 raise PcamError(f"stain reference for {self.method}: {key} must be {math.prod(shape)} finite "
                                 f"numbers of shape {shape}, got {str(self.params[key])[:60]}")
+            # A spread or a concentration scale of 0 or less maps every patch to one flat colour (or
+            # inverts it): no fitted reference has one, so it can only be a damaged file.
+            if key in ("std", "max_concentrations") and not (arr > 0).all():
+                raise PcamError(f"stain reference for {self.method}: {key} must be positive, got {arr.tolist()}")
+            if key == "stain_matrix" and not (np.linalg.norm(arr, axis=1) > 0).all():
+                raise PcamError(f"stain reference for {self.method}: a stain_matrix row is all zeros")
             clean[key] = arr.tolist()
         object.__setattr__(self, "params", clean)   # plain lists: JSON-able, and equality is by value
 

@@ -203,3 +203,11 @@ def test_models_imports_no_timm_and_one_prefix():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert models.jsonable({"a": (1, (2, 3))}) == {"a": [1, [2, 3]]}
+
+
+def test_transfer_options_name_what_needs_timm():
+    assert models.transfer_kwargs("plain4", {"width": 8}, None, 96) == {"width": 8}
+    with pytest.raises(ModelError, match=r"^--img-size needs a timm network \(--arch timm:NAME\), not 'plain4'$"):
+        models.transfer_kwargs("plain4", {}, None, 128)
+    with pytest.raises(ModelError, match=r"^--pretrained and --img-size need a timm network"):
+        models.transfer_kwargs("pcamnet", {}, "hub", 128)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import gzip
 import os
 import random
-import shutil
 import signal
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from pcamtool.cli import cli
-from pcamtool.errors import Interrupted, PcamError
+from pcamtool.errors import Interrupted
 from pcamtool.info import store_info
 from pcamtool.io.gzstream import GzipSeekable, GzipStreamError
 from pcamtool.io.pack import pack_pcam
@@ -357,3 +356,17 @@ def test_damaged_gzip_chunk_is_one_line(tmp_path):
     line = _one_line_error(CliRunner().invoke(cli, ["-q", "pack", str(x)]))
     assert x.name in line and "cannot read images" in line, line
     _no_outputs(tmp_path)
+
+
+def test_train_and_cv_splits_of_a_pcam_store_keep_slides_apart(tmp_path, caplog):
+    """The split training and cv make (checkpoint.split_rows) groups a PCam store by slide, no --groups needed."""
+    from pcamtool.config import TrainConfig
+    from pcamtool.train.checkpoint import split_rows
+
+    write_split(tmp_path, "train", n=300, n_slides=15, seed=6)
+    store = open_store(pack_pcam(tmp_path, "train", progress=False).path)
+    for folds, fold in ((None, 0), (4, 1)):
+        with caplog.at_level("INFO", logger="pcamtool"):
+            tr, va = split_rows(TrainConfig(store=str(store.path), val_frac=0.25, folds=folds, fold=fold), store)
+        assert len(va) and not set(store.groups[tr]) & set(store.groups[va])
+    assert "splitting by slide" in caplog.text

@@ -25,6 +25,25 @@ def _model_args(ctx: click.Context, param: click.Parameter, values: tuple[str, .
     return out
 
 
+def _with_run_arch(opts: dict[str, Any], resume: Path | None, cv: bool) -> dict[str, Any]:
+    """``opts`` with the continued run's ``--arch`` when none is given.
+
+    The options given on resume are validated as a config before the run is
+    read; without its arch they would be checked against the default model
+    (``--img-size`` of a timm run refused as "not 'plain4'"). A folder that is
+    not a run is left to the resume itself to report.
+    """
+    if resume is None or opts.get("arch") is not None:
+        return opts
+    name = "cv_config.json" if cv else "config.json"
+    try:
+        saved = json.loads((Path(resume) / name).read_text())
+        arch = (saved.get("config") if cv else saved).get("arch")
+    except (OSError, ValueError, AttributeError):
+        return opts
+    return {**opts, "arch": arch} if isinstance(arch, str) else opts
+
+
 def _output_option(what: str) -> Callable:
     return click.option("-o", "--output", "out", type=click.Path(path_type=Path), default=None, help=what)
 
@@ -103,7 +122,7 @@ def train(store: Path | None, resume: Path | None, **opts: Any) -> None:
     from ..config import TrainConfig
     from ..train.loop import fit
 
-    cfg, overrides = TrainConfig.from_options(store=store, **opts)
+    cfg, overrides = TrainConfig.from_options(store=store, **_with_run_arch(opts, resume, cv=False))
     res = fit(cfg, resume=resume, progress=progress_enabled(), overrides=overrides)
     log.info("best val AUC %.4f at epoch %d; run folder %s (%.0fs)", res.best_auc, res.best_epoch,
              res.run_dir, res.seconds)
@@ -127,7 +146,7 @@ def cv(store: Path | None, resume: Path | None, export_folds: bool, **opts: Any)
     from ..config import TrainConfig
     from ..train.cv import run_cv
 
-    cfg, overrides = TrainConfig.from_options(store=store, **opts)
+    cfg, overrides = TrainConfig.from_options(store=store, **_with_run_arch(opts, resume, cv=True))
     res = run_cv(cfg, out=resume if resume is not None else opts.get("out"), resume=resume is not None,
                  export=export_folds, progress=progress_enabled(), overrides=overrides)
     for f in res.folds:

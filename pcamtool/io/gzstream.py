@@ -127,7 +127,8 @@ class GzipSeekable(io.RawIOBase):
             self._save()
 
     def _save(self) -> None:
-        self._checkpoints.append((self._out, self._in - len(self._pending), self._d.copy()))  # type: ignore[attr-defined]
+        state = self._d.copy()  # type: ignore[attr-defined]
+        self._checkpoints.append((self._out, self._in - len(self._pending), state))
         self._keys.append(self._out)
 
     def _fail(self, problem: str) -> GzipStreamError:

@@ -482,7 +482,10 @@ def _prefetched(source, depth: int = 2) -> Iterator[tuple[int, np.ndarray]]:
 
 def _write_pcam_store(tmp: Path, source, *, chunk: int, compression: str, transform: Optional[BatchTransform],
                       progress: bool, provenance: dict, stop: Callable[[], None]) -> tuple[np.ndarray, np.ndarray]:
-    """Copy ``source`` (a :class:`~pcamtool.io.pcam.PcamSource`) into a complete store at ``tmp``; returns (mean, std)."""
+    """Copy ``source`` (a :class:`~pcamtool.io.pcam.PcamSource`) into a complete store at ``tmp``.
+
+    Returns (mean, std).
+    """
     sums = np.zeros(3, np.uint64)
     sqsums = np.zeros(3, np.uint64)
     n = source.n

@@ -1,4 +1,4 @@
-"""The PatchCamelyon benchmark files as published: ``camelyonpatch_level_2_split_<split>_{x,y}.h5[.gz]`` + ``_meta.csv``.
+"""The PatchCamelyon benchmark files as published: ``..._split_<split>_{x,y}.h5[.gz]`` and ``_meta.csv``.
 
 Each split is three files side by side: ``x`` (uint8 (N, 96, 96, 3)),
 ``y`` (uint8 (N, 1, 1, 1), 1 where the centre 32x32 holds tumour) and a meta

@@ -94,7 +94,8 @@ class PatchMeta:
         """Write the ``meta`` group of a store."""
         g = f.create_group("meta")
         raw = [s.encode("utf-8") for s in self.slide]
-        g.create_dataset("slide", data=np.array(raw, dtype=h5py.string_dtype("utf-8", max([len(b) for b in raw] + [1]))))
+        width = max([len(b) for b in raw] + [1])
+        g.create_dataset("slide", data=np.array(raw, dtype=h5py.string_dtype("utf-8", width)))
         g.create_dataset("coord_y", data=np.asarray(self.coord_y, np.int64))
         g.create_dataset("coord_x", data=np.asarray(self.coord_x, np.int64))
         g.create_dataset("tumor_patch", data=np.asarray(self.tumor_patch, np.int8))

@@ -197,8 +197,22 @@ def check_out(out: Path, settings: dict[str, Any], force: bool) -> None:
             return
     elif out.is_dir() and any(not e.name.startswith(".") for e in out.iterdir()) and not force:
         raise ExistsError(out, "exists and is not a 'pcamtool slide' output folder (no run.json)")
-    with atomic_path(run_json, force=True) as tmp:
-        tmp.write_text(json.dumps(settings, indent=1), encoding="utf-8")
+    text = json.dumps(settings, indent=1)
+    _patiently(lambda tmp: tmp.write_text(text, encoding="utf-8"), run_json)
+
+
+def _patiently(write: Any, path: Path, patience: float = 60.0) -> None:
+    """``write(tmp)`` atomically onto ``path``, waiting while another shard of the job array writes it."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            with atomic_path(path, force=True) as tmp:
+                write(tmp)
+            return
+        except BusyError:   # shards of a job array start together and share OUT's own files
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def read_summary(folder: Path) -> Optional[SlideSummary]:
@@ -212,21 +226,17 @@ def read_summary(folder: Path) -> Optional[SlideSummary]:
 
 def write_cohort_csv(out: Path, patience: float = 60.0) -> Path:
     """``OUT/slides.csv`` from every ``OUT/*/slide.json``, sorted by slide; waits for another shard's write."""
-    rows = [s for s in (read_summary(d) for d in sorted(out.iterdir()) if d.is_dir()) if s is not None]
-    rows.sort(key=lambda s: s.slide)
-    deadline = time.monotonic() + patience
-    while True:
-        try:
-            with atomic_path(out / COHORT_CSV, force=True) as tmp:
-                with open(tmp, "w", newline="", encoding="utf-8") as fh:
-                    w = csv.writer(fh)
-                    w.writerow(COLUMNS)
-                    w.writerows(s.row() for s in rows)
-            return out / COHORT_CSV
-        except BusyError:   # another shard rewrites it now; ours, read a moment later, includes theirs
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+    def write(tmp: Path) -> None:
+        # Read under the lock: a shard that finished a slide after we read would otherwise be left out.
+        rows = [s for s in (read_summary(d) for d in sorted(out.iterdir()) if d.is_dir()) if s is not None]
+        rows.sort(key=lambda s: s.slide)
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(COLUMNS)
+            w.writerows(s.row() for s in rows)
+
+    _patiently(write, out / COHORT_CSV, patience)
+    return out / COHORT_CSV
 
 
 _TEMP_DIR = re.compile(r"\.(.+)\.(\d+)\.[0-9a-f]{8}" + re.escape(TEMP_SUFFIX))

@@ -158,11 +158,17 @@ class Checkpoint:
             raise ModelError(f"{where}: not a pcamtool checkpoint")
         if d.get("version") != VERSION:
             raise ModelError(f"{where}: checkpoint version {d.get('version')}, this pcamtool reads {VERSION}")
+        weights = d.get("weights")
+        if weights is None:
+            weights = {}
+        if not isinstance(weights, dict):   # a bare tensor or list: no parameter names to load by
+            raise ModelError(f"{where}: checkpoint weights are a {type(weights).__name__}, not a state dict "
+                             f"(parameter name -> tensor)")
         try:
             model, store = d["model"], d.get("store") or {}
             state = {k: d[k] for k in STATE_KEYS if k in d}
             return cls(arch=str(model["name"]), model_kwargs=dict(model.get("kwargs") or {}),
-                       mean=d["mean"], std=d["std"], weights=d.get("weights") or {},
+                       mean=d["mean"], std=d["std"], weights=weights,
                        stain=StainReference.from_dict(d.get("stain")),
                        store_path=store.get("path"), store_count=store.get("count"),
                        config=dict(d.get("config") or {}), precision=str(d.get("precision", "fp32")),
@@ -171,10 +177,10 @@ class Checkpoint:
                        best_auc=float(d.get("best_auc", d.get("val_auc", float("nan")))),
                        best_epoch=int(d.get("best_epoch", 0)), tta_default=int(d.get("tta_default", DEFAULT_TTA)),
                        pcamtool_version=str(d.get("pcamtool_version", "?")), training_state=state or None)
+        except PcamError as exc:   # first: PcamError is a ValueError too, and already says what is wrong
+            raise ModelError(f"{where}: {exc}") from None
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"{where}: checkpoint lacks or garbles {exc} ({type(exc).__name__})") from None
-        except PcamError as exc:
-            raise ModelError(f"{where}: {exc}") from None
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the checkpoint atomically; a full disk is one line naming ``path``."""
@@ -211,8 +217,11 @@ class Checkpoint:
 
     # -------------------------------------------------------------- the model
 
-    def build_model(self) -> Any:
+    def build_model(self, where: Optional[str | os.PathLike] = None) -> Any:
         """The :class:`~pcamtool.contract.Classifier` with these weights, on the CPU, in eval mode.
+
+        ``where`` (the checkpoint's file) starts any error message; the
+        checkpoint itself does not know where it was read from.
 
         Raises
         ------
@@ -225,12 +234,14 @@ class Checkpoint:
         from ..models import create_model, without_pretrained
         from .runs import load_weights
 
+        label = f"{where}: model {self.arch}" if where is not None else f"model {self.arch}"
         if not self.weights:
-            raise ModelError(f"model {self.arch}: this checkpoint holds no weights")
+            raise ModelError(f"{label}: this checkpoint holds no weights")
         # the weights are here: never reload (or download) a pretrained file
         net = Classifier(create_model(self.arch, **without_pretrained(self.model_kwargs)),
                          torch.tensor(self.mean), torch.tensor(self.std))
-        load_weights(net, self.weights, f"checkpoint of model {self.arch}")
+        load_weights(net, self.weights, f"{where}: checkpoint of model {self.arch}" if where is not None
+                     else f"checkpoint of model {self.arch}")
         return net.eval()
 
     # -------------------------------------------------------------- the split
@@ -302,6 +313,15 @@ class Checkpoint:
         """
         if meta.get("format") != ONNX_FORMAT:
             raise ModelError(f"{where}: not a pcamtool model (no '{ONNX_FORMAT}' metadata)")
+        # Additive changes keep format_version 1 (readers ignore keys they do not know), so a higher
+        # version means the file changed in a way this pcamtool would misread: refuse it, never guess.
+        raw_version = meta.get("format_version") or ONNX_VERSION   # files before the key existed are 1
+        if not raw_version.isdigit() or int(raw_version) < 1:
+            raise ModelError(f"{where}: metadata format_version {raw_version[:20]!r} is not one pcamtool writes "
+                             f"(1 to {ONNX_VERSION})")
+        if int(raw_version) > int(ONNX_VERSION):
+            raise ModelError(f"{where}: model format_version {int(raw_version)} is newer than this pcamtool "
+                             f"({__version__}) reads ({ONNX_VERSION}): upgrade pcamtool to use it")
 
         def get(key: str, parse: Any, default: Any) -> Any:
             if not meta.get(key):   # absent, or "" (older files wrote an empty epoch)

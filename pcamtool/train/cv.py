@@ -192,9 +192,20 @@ def _read_marker(fold_dir: Path) -> dict[str, Any]:
     return marker if isinstance(marker, dict) and (fold_dir / "best.pt").is_file() else {}
 
 
-def _read_predictions(path: Path) -> np.ndarray:
-    with open(path, newline="") as f:
-        return np.array([float(r["prob"]) for r in csv.DictReader(f)], np.float64)
+def _read_predictions(path: Path) -> Optional[np.ndarray]:
+    """A finished fold's validation probabilities; None when the file is gone or damaged (then re-predicted)."""
+    try:
+        with open(path, newline="") as f:
+            probs = np.array([float(r["prob"]) for r in csv.DictReader(f)], np.float64)
+    except (OSError, UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError) as exc:
+        log.warning("%s: unreadable (%s): predicting the fold's validation rows again from its best.pt",
+                    path, type(exc).__name__)
+        return None
+    if not (np.isfinite(probs).all() and ((probs >= 0) & (probs <= 1)).all()):
+        log.warning("%s: holds values that are not probabilities: predicting the fold's validation rows "
+                    "again from its best.pt", path)
+        return None
+    return probs
 
 
 def _train_fold(cfg: TrainConfig, fold_dir: Path, progress: bool) -> dict[str, Any]:
@@ -253,6 +264,9 @@ def run_cv(cfg: TrainConfig, folds: Optional[int] = None, out: Optional[str | Pa
     if cfg.val_store:
         raise PcamError("--val-store replaces the split, but cv validates on folds of the store: drop --val-store")
     k = folds if folds is not None else cfg.folds if cfg.folds is not None else DEFAULT_FOLDS
+    if "val_frac" in (overrides or {}):   # it sizes a single hold-out; cv's folds are 1/K each
+        raise PcamError(f"--val-frac {overrides['val_frac']}: cv validates each fold on 1/K of the store "
+                        f"(K = --folds, default {DEFAULT_FOLDS}): drop --val-frac, or choose --folds")
     if cfg.fold != 0 or "fold" in (overrides or {}):
         raise PcamError(f"--fold {cfg.fold}: cv trains every fold (drop --fold; 'pcamtool train --folds K "
                         f"--fold I' trains one)")
@@ -276,26 +290,36 @@ def _run_folds(cfg: TrainConfig, k: int, cv_dir: Path, export: bool, progress: b
         fold_dir = cv_dir / f"fold{i}"
         rows = fold_rows(cfg, store, k, i)
         marker = _read_marker(fold_dir)
+        probs: Optional[np.ndarray] = None
+        onnx = fold_dir / "model.onnx"
         if marker.get("stage") == "done":
-            log.info("fold %d/%d: done already (%s)", i + 1, k, fold_dir)
             probs = _read_predictions(fold_dir / PREDICTIONS)
+            # a finished fold whose model.onnx was deleted since (or that ran with --no-export) is exported now,
+            # so the folder stays what 'infer --model CV_DIR' expects: every fold's model
+            missing_export = export and not onnx.is_file()
+            if probs is not None and not missing_export:
+                log.info("fold %d/%d: done already (%s)", i + 1, k, fold_dir)
+            else:
+                log.info("fold %d/%d: finishing (%s)", i + 1, k,
+                         "its predictions" if probs is None else f"{onnx} is missing: exporting it again")
         else:
             log.info("fold %d/%d: %d validation rows -> %s", i + 1, k, len(rows), fold_dir)
             if marker.get("stage") != "trained":
                 marker = _train_fold(replace(cfg, folds=k, fold=i, out=str(fold_dir), export=False), fold_dir,
                                      progress)
-            probs = predict_rows(fold_dir / "best.pt", store, rows, device)
-            _write_csv(fold_dir / PREDICTIONS, ["id", "label", "prob"],
-                       [[store.ids[r], int(store.labels[r]), f"{p:.6f}"] for r, p in zip(rows, probs)])
-            if export:
+        if probs is None or marker.get("stage") != "done" or (export and not onnx.is_file()):
+            if probs is None:
+                probs = predict_rows(fold_dir / "best.pt", store, rows, device)
+                _write_csv(fold_dir / PREDICTIONS, ["id", "label", "prob"],
+                           [[store.ids[r], int(store.labels[r]), f"{p:.6f}"] for r, p in zip(rows, probs)])
+            if export and (marker.get("stage") != "done" or not onnx.is_file()):
                 _export(fold_dir, cfg.store)
-            marker = {**marker, "stage": "done", "exported": bool(export)}
+            marker = {**marker, "stage": "done", "exported": bool(export) or bool(marker.get("exported"))}
             _write_json(fold_dir / MARKER, marker)
         if len(probs) != len(rows):
             raise PcamError(f"{fold_dir / PREDICTIONS}: {len(probs)} rows, fold {i} validates {len(rows)} "
                             f"(the store changed? start a new cv run)")
         oof[rows], oof_fold[rows] = probs, i
-        onnx = fold_dir / "model.onnx"
         results.append(FoldResult(i, fold_dir, float(marker["best_auc"]), int(marker["best_epoch"]),
                                   binary_metrics(probs, store.labels[rows])["auc"], len(rows),
                                   onnx if onnx.is_file() else None))
