@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # Every version fixed by the lock (a pip constraints file): our venv and CI are
 # reproducible while pyproject.toml keeps the ranges users install with.
 LOCK   := requirements.lock
-EXTRAS ?= test,timm,slides,tensorboard,mutate
+EXTRAS ?= test,timm,slides,tensorboard,fastgz,mutate
 WHEELHOUSE ?= wheelhouse
 WHEEL_CONSTRAINTS ?= $(LOCK)
 
@@ -52,7 +52,7 @@ gpu-check:
 # notebook (attach the folder as a Kaggle data set; docs/install.md).
 # WHEEL_PY=3.12 makes them for another CPython (Colab).
 wheelhouse: $(STAMP)
-	$(BIN)/python .ci/wheelhouse.py --out $(WHEELHOUSE) -c $(WHEEL_CONSTRAINTS) $(if $(WHEEL_PY),--python-version $(WHEEL_PY))
+	$(BIN)/python .ci/wheelhouse.py --out $(WHEELHOUSE) -c $(WHEEL_CONSTRAINTS) $(if $(WHEEL_PY),--python-version $(WHEEL_PY)) $(if $(WHEEL_CUDA),--cuda $(WHEEL_CUDA))
 
 clean:
 	rm -rf $(VENV) demo $(WHEELHOUSE)

@@ -58,12 +58,27 @@ def torch_family(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.glob("*.whl") if TORCH_FAMILY.match(canonical(p.name.split("-")[0])))
 
 
-def build(out: Path, constraints: str | None, python_version: str | None) -> list[Path]:
+# onnxruntime-gpu's CUDA major per release on PyPI, read from the libraries its
+# CUDA provider links (libcublasLt.so.12 / .13): 1.19-1.26 CUDA 12, 1.27 on CUDA 13.
+ORT_FOR_CUDA = {"12": "onnxruntime-gpu>=1.21,<1.27", "13": "onnxruntime-gpu>=1.27"}
+
+
+def cuda_constraints(constraints: str | None, cuda: str, path: Path) -> str:
+    """A constraints file like ``constraints`` whose onnxruntime-gpu is built for CUDA ``cuda``."""
+    lines = Path(constraints).read_text().splitlines() if constraints else []
+    kept = [ln for ln in lines if canonical(re.split(r"[=<>!~ ;\[]", ln.strip(), maxsplit=1)[0]) != "onnxruntime-gpu"]
+    path.write_text("\n".join([*kept, ORT_FOR_CUDA[cuda]]) + "\n")
+    return str(path)
+
+
+def build(out: Path, constraints: str | None, python_version: str | None, cuda: str | None = None) -> list[Path]:
     """Write the wheelhouse to ``out`` (replacing an earlier one) and return its wheels."""
     out = out.resolve()
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    if cuda:
+        constraints = cuda_constraints(constraints, cuda, tmp.with_name(f".{out.name}.constraints-cuda{cuda}.txt"))
     pip = [sys.executable, "-m", "pip"]
     # --no-build-isolation: the building Python's setuptools is used, so no index is needed to build
     subprocess.run([*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp), str(ROOT)], check=True)
@@ -83,6 +98,8 @@ def build(out: Path, constraints: str | None, python_version: str | None) -> lis
         raise SystemExit(f"wheelhouse: refusing a folder with torch-family wheels: {', '.join(bad)}")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
+    if cuda:
+        Path(constraints).unlink()
     return sorted(out.glob("*.whl"))
 
 
@@ -92,8 +109,10 @@ def main() -> None:
     ap.add_argument("-c", "--constraints", default=None, help="pin versions from this file (requirements.lock)")
     ap.add_argument("--python-version", default=None,
                     help="wheels for another CPython (e.g. 3.12 for Colab); default: this Python")
+    ap.add_argument("--cuda", choices=sorted(ORT_FOR_CUDA), default=None,
+                    help="onnxruntime-gpu built for this CUDA major (12 for a notebook whose torch is a cu12x build)")
     args = ap.parse_args()
-    wheels = build(args.out, args.constraints, args.python_version)
+    wheels = build(args.out, args.constraints, args.python_version, args.cuda)
     size = sum(w.stat().st_size for w in wheels) / 2 ** 20
     print(f"wheelhouse: {len(wheels)} wheels, {size:.0f} MiB in {args.out} (no torch)", file=sys.stderr)
 

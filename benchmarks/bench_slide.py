@@ -20,7 +20,6 @@ Run: ``.venv/bin/python -m pytest benchmarks/bench_slide.py -q -s``.
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 import pytest

@@ -166,8 +166,10 @@ _RENAMED = {"compile_": "compile", "export_": "export"}
 # Fields holding file or folder paths (compared as resolved paths, converted from Path objects).
 PATH_FIELDS = ("store", "out", "val_store", "groups", "init_weights", "pretrained")
 _COLOR = ("brightness", "contrast", "saturation", "hue")
-# Model arguments that have their own training option (timm networks): never given as --model-arg.
-_OPTION_ARGS = ("img_size", "pretrained")
+# Model arguments that a training option of the same name overwrites (timm networks: TrainConfig.img_size
+# is always passed on), so --model-arg would be recorded and ignored. (--model-arg pretrained=... is
+# passed on when --pretrained is not given, so it stays allowed.)
+_OPTION_ARGS = ("img_size",)
 # Options that choose the validation split; --val-store replaces the split.
 _SPLIT = ("val_frac", "folds", "fold", "groups")
 
@@ -223,8 +225,9 @@ class TrainConfig:
         self._check_types()
         folds = self.folds
         checks = [
-            (self.epochs is None or 1 <= self.epochs <= MAX_EPOCHS,
-             f"--epochs must be between 1 and {MAX_EPOCHS:,}, got {self.epochs}"),
+            (self.epochs is None or self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
+            (self.epochs is None or self.epochs <= MAX_EPOCHS,
+             f"--epochs must be at most {MAX_EPOCHS:,}, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
             (math.isfinite(self.lr) and self.lr > 0, f"--lr must be a finite positive number, got {self.lr}"),
             (math.isfinite(self.weight_decay) and self.weight_decay >= 0,

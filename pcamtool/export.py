@@ -81,8 +81,6 @@ def _write_checked(ck: Checkpoint, tmp: Path, out_path: Path, meta: dict[str, st
                    fp16: bool, opset: int, images: np.ndarray, provider: str,
                    where: Optional[Path] = None) -> tuple[float, str]:
     """Export to ``tmp`` with ``meta``, run onnx.checker and the parity check; ``(max diff, provider)``."""
-    import onnx
-
     net = ck.build_model(where)
     ref_model = ProbabilityModel(net).eval()   # fp32, the reference even for an fp16 graph (net stays fp32)
     model = ProbabilityModel(net, torch.float16 if fp16 else torch.float32).eval()
@@ -188,8 +186,6 @@ def export_onnx(source: Optional[str | os.PathLike] = None, out: Optional[str | 
         ``provider`` asked for explicitly does not load here; ``int8`` with
         ``fp16``, or without a store to calibrate on.
     """
-    import onnx
-
     ckpt_path = resolve_checkpoint(source)
     ck = Checkpoint.load(ckpt_path).without_training_state()
     if not ck.weights:   # before any output is locked or any image read

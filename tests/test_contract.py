@@ -141,6 +141,23 @@ def test_probability_model_in_another_dtype_computes_in_it_and_returns_float32()
     hook.remove()
     assert seen[-1] == torch.bfloat16 and p.dtype == torch.float32
     assert torch.allclose(p, ref, atol=0.03)
+    # the caller's network is left in float32 (the reference an fp16/bf16 export is checked against)
+    assert all(q.dtype == torch.float32 for q in net.parameters())
+    assert ProbabilityModel(net).net is net                 # nothing to convert: no copy
+
+
+def test_probability_model_of_a_network_without_parameters():
+    class Mean(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.mean((1, 2, 3))
+
+    net = Classifier(Mean(), MEAN, STD)
+    assert list(net.parameters()) == []
+    for dt in (torch.float32, torch.bfloat16):
+        pm = ProbabilityModel(net, dt)
+        assert pm.net is net
+        p = pm(images(2))
+        assert p.shape == (2,) and p.dtype == torch.float32 and bool(((p > 0) & (p < 1)).all())
 
 
 def test_to_float01_messages_name_the_shape():

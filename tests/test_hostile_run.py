@@ -193,8 +193,9 @@ def test_more_folds_than_a_class_has_images_is_one_line(run, tmp_path, cmd):
     assert "--folds 300" in line and "24 positive images" in line, line
 
 
-@pytest.mark.parametrize("arg", ["img_size=5000", "img_size=128", "pretrained=true"])
+@pytest.mark.parametrize("arg", ["img_size=5000", "img_size=128"])
 def test_model_args_that_an_option_decides_are_refused(run, arg):
+    """--img-size always reaches a timm network, so --model-arg img_size was recorded and then overwritten."""
     store, _, _ = run
     r = CliRunner().invoke(cli, ["-q", "train", str(store), "--arch", "timm:resnet18", "--model-arg", arg,
                                  "--epochs", "1"])
@@ -210,7 +211,7 @@ def test_epochs_are_bounded(run, tmp_path):
     store, _, _ = run
     r = CliRunner().invoke(cli, ["-q", "train", str(store), "--epochs", "99999999999999999999"])
     assert r.exit_code == 2 and "Traceback" not in r.output and "--epochs" in r.output
-    with pytest.raises(PcamError, match="--epochs must be between 1 and 10,000"):
+    with pytest.raises(PcamError, match="--epochs must be at most 10,000"):
         TrainConfig(store=str(store), epochs=10**20)
     # a run's config.json is held to the same bound
     bad = {**_tiny(store).to_dict(), "epochs": 10**20}
@@ -231,7 +232,6 @@ def test_resume_messages_name_the_runs_own_arch(run, tmp_path):
 # ------------------------------------------------------------------ cv folders
 
 
-@pytest.mark.slow
 def test_cv_resume_redoes_a_deleted_export_and_infer_refuses_a_short_ensemble(run, tmp_path):
     store, _, _ = run
     out = tmp_path / "cv"

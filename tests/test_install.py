@@ -80,6 +80,15 @@ def test_the_lock_fixes_every_version_of_our_venv():
     assert "pcamtool" not in locked
 
 
+def test_a_cuda12_wheelhouse_swaps_the_locks_onnxruntime_for_a_cuda12_build(tmp_path):
+    lock = tmp_path / "lock.txt"
+    lock.write_text("numpy==2.1.0\nonnxruntime-gpu==1.31.1\nonnxruntime_gpu==1.31.1\nonnx==1.17.0\n")
+    lines = Path(wheelhouse.cuda_constraints(str(lock), "12", tmp_path / "c12.txt")).read_text().splitlines()
+    assert lines == ["numpy==2.1.0", "onnx==1.17.0", "onnxruntime-gpu>=1.21,<1.27"]
+    lines = Path(wheelhouse.cuda_constraints(None, "13", tmp_path / "c13.txt")).read_text().splitlines()
+    assert lines == ["onnxruntime-gpu>=1.27"]
+
+
 def _run(cmd: list, **kw) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, timeout=900, **kw)

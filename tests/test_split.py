@@ -192,3 +192,20 @@ def test_resolve_groups_prefers_the_file_then_the_store_slides(tmp_path: Path, c
         assert resolve_groups(SimpleNamespace(ids=np.array(["a"]), groups=None), "") is None
         assert resolve_groups(SimpleNamespace(ids=np.array(["a"])), None) is None
         assert caplog.text == ""
+
+
+def test_read_groups_reads_csv_as_the_csv_module_means(tmp_path: Path):
+    p = tmp_path / "g.csv"
+    # a quoted group holding a line break (opened with newline="", as the csv module asks)
+    p.write_bytes(b'id,group\r\na,"slide\r\n7"\r\nb,plain\r\n')
+    assert read_groups(p, np.array(["a", "b"])).tolist() == ["slide\r\n7", "plain"]
+    long = ",".join(f"column{i}" for i in range(12))           # 95 characters: shown cut at 60
+    p.write_text(long + "\n")
+    with pytest.raises(PcamError) as e:
+        read_groups(p, np.array(["a"]))
+    assert f"header is {long[:60]!r}, expected 'id,group'" in str(e.value)
+    p.write_bytes(b"id,group\n\xff\xfe\x00garbage\n")
+    with pytest.raises(PcamError, match=r"\(UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff"):
+        read_groups(p, np.array(["a"]))
+    with pytest.raises(PcamError, match=r"g.csv/x: cannot read the groups file \(Not a directory\)"):
+        read_groups(p / "x", np.array(["a"]))

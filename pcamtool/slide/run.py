@@ -56,7 +56,7 @@ class SlideOptions:
     min_tissue: float = 0.25
     threshold: float = 0.5            # tumour area: tiles at or above this probability
     top_k: int = 10                   # the top-k mean
-    tta: Optional[int] = None
+    tta: Optional[int] = 1            # None: the model's own default (8 for pcamtool exports)
 
     def __post_init__(self) -> None:
         if not 1 <= self.stride <= 96:
