@@ -55,7 +55,7 @@ wheelhouse: $(STAMP)
 	$(BIN)/python .ci/wheelhouse.py --out $(WHEELHOUSE) -c $(WHEEL_CONSTRAINTS) $(if $(WHEEL_PY),--python-version $(WHEEL_PY)) $(if $(WHEEL_CUDA),--cuda $(WHEEL_CUDA))
 
 clean:
-	rm -rf $(VENV) demo $(WHEELHOUSE)
+	rm -rf $(VENV) demo demo-slides $(WHEELHOUSE)
 
 # Mutation testing (mutmut, one worker; minutes per module): each mutant of the modules listed
 # in pyproject's [tool.mutmut] against the tests that reach it; `$(BIN)/mutmut results` lists

@@ -227,6 +227,26 @@ def test_resume_messages_name_the_runs_own_arch(run, tmp_path):
         assert r.exit_code == 1
         line = _one_error_line(r.output)
         assert "'simple'" in line and "plain4" not in line, line
+    # cv --resume of a folder that is no cv run says so, instead of judging --img-size against plain4
+    r = CliRunner().invoke(cli, ["-q", "cv", "--resume", str(run_dir), "--img-size", "128"])
+    assert r.exit_code == 1
+    assert f"{run_dir}: not a cv run to resume (no cv_config.json)" in _one_error_line(r.output)
+
+
+@pytest.mark.slow
+def test_resume_of_a_timm_run_refuses_img_size_as_a_change(run, tmp_path):
+    """The reported case: --img-size on resume of a timm run was refused as "not 'plain4'"."""
+    store, _, _ = run
+    out = tmp_path / "timm"
+    r = CliRunner().invoke(cli, ["-q", "train", str(store), "--arch", "timm:resnet10t", "--epochs", "1",
+                                 "--batch-size", "8", "--max-train", "16", "--device", "cpu", "--threads", "1",
+                                 "--no-flip", "--no-color", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["-q", "train", "--resume", str(out), "--img-size", "128"])
+    assert r.exit_code == 1
+    line = _one_error_line(r.output)
+    assert "cannot change --img-size on resume (the run was trained with --img-size 96)" in line, line
+    assert "plain4" not in line and line.count("--tensorboard") == 1, line
 
 
 # ------------------------------------------------------------------ cv folders

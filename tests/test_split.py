@@ -209,3 +209,22 @@ def test_read_groups_reads_csv_as_the_csv_module_means(tmp_path: Path):
         read_groups(p, np.array(["a"]))
     with pytest.raises(PcamError, match=r"g.csv/x: cannot read the groups file \(Not a directory\)"):
         read_groups(p / "x", np.array(["a"]))
+
+
+def test_defaults_are_a_fifth_held_out_with_seed_zero():
+    y = labels(100)
+    tr, va = make_split(y)
+    want_tr, want_va = make_split(y, val_frac=0.2, seed=0, folds=None, fold=0, groups=None)
+    assert np.array_equal(va, want_va) and np.array_equal(tr, want_tr) and len(va) == 20
+    tr, va = make_split(y, folds=4)                                     # fold 0 unless told
+    assert np.array_equal(va, make_split(y, folds=4, fold=0, seed=0)[1])
+    with pytest.raises(PcamError) as e:
+        make_split(np.array([0, 0, 0, 1]))
+    assert str(e.value) == "need at least 2 images of each class to split off validation data"
+
+
+def test_grouped_half_split_is_two_folds_of_the_groups():
+    y = np.array([0, 1] * 10)
+    groups = np.array(["a"] * 10 + ["b"] * 10)
+    tr, va = make_split(y, val_frac=0.5, groups=groups)                # 1/0.5 = 2 folds: one slide each side
+    assert len(set(groups[va])) == 1 and len(set(groups[tr])) == 1 and len(va) == 10

@@ -30,17 +30,29 @@ def _with_run_arch(opts: dict[str, Any], resume: Path | None, cv: bool) -> dict[
 
     The options given on resume are validated as a config before the run is
     read; without its arch they would be checked against the default model
-    (``--img-size`` of a timm run refused as "not 'plain4'"). A folder that is
-    not a run is left to the resume itself to report.
+    (``--img-size`` of a timm run refused as "not 'plain4'").
+
+    Raises
+    ------
+    PcamError
+        ``resume`` is not a run (cv: a cv run) folder to continue.
     """
     if resume is None or opts.get("arch") is not None:
         return opts
-    name = "cv_config.json" if cv else "config.json"
-    try:
-        saved = json.loads((Path(resume) / name).read_text())
-        arch = (saved.get("config") if cv else saved).get("arch")
-    except (OSError, ValueError, AttributeError):
-        return opts
+    if cv:
+        from ..errors import PcamError
+        from ..train.cv import CV_CONFIG
+
+        try:
+            arch = json.loads((Path(resume) / CV_CONFIG).read_text())["config"]["arch"]
+        except FileNotFoundError:
+            raise PcamError(f"{resume}: not a cv run to resume (no {CV_CONFIG})") from None
+        except (OSError, ValueError, KeyError, TypeError):
+            return opts   # run_cv names what is wrong with the file
+    else:
+        from ..train.runs import read_run_config
+
+        arch = read_run_config(Path(resume)).get("arch")
     return {**opts, "arch": arch} if isinstance(arch, str) else opts
 
 

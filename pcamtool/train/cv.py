@@ -17,7 +17,9 @@ an ensemble of the folds does on new data. It writes::
 Resumable: run the same command again (or ``pcamtool cv --resume CV_DIR``)
 and finished folds are skipped, a fold killed while training continues from
 its ``last.pt``, a trained fold not yet exported or predicted is finished,
-and a fold that never finished an epoch starts again.
+a finished fold whose ``model.onnx`` is gone is exported again (and a
+damaged ``val_predictions.csv`` predicted again from its ``best.pt``), and a
+fold that never finished an epoch starts again.
 """
 from __future__ import annotations
 
@@ -234,8 +236,10 @@ def run_cv(cfg: TrainConfig, folds: Optional[int] = None, out: Optional[str | Pa
     ----------
     cfg
         The training config every fold uses; its ``folds`` (default
-        :data:`DEFAULT_FOLDS`), ``groups``, ``seed`` and ``val_frac`` make
-        the split, its ``fold``, ``out`` and ``export`` are replaced per fold.
+        :data:`DEFAULT_FOLDS`), ``groups`` and ``seed`` make the split (each
+        fold validates on 1/K, so ``val_frac`` plays no part: given in
+        ``overrides`` it is refused), its ``fold``, ``out`` and ``export``
+        are replaced per fold.
     folds
         Number of folds (overrides ``cfg.folds``).
     out

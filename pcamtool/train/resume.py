@@ -35,7 +35,7 @@ log = logging.getLogger("pcamtool")
 # Where and how fast a run goes: none changes what is learnt, so a continued run or cv may change them.
 MACHINE = ("device", "threads", "cache", "compile", "tensorboard")
 # A continued training run may also go on longer, stop earlier, export at the end or log elsewhere.
-RESUMABLE = MACHINE + ("epochs", "patience", "export", "tensorboard")
+RESUMABLE = MACHINE + ("epochs", "patience", "export")
 # What identifies a run: a last.pt disagreeing with config.json on these is another run's.
 _IDENTITY = ("arch", "model_kwargs", "pretrained", "img_size", "store", "seed", "batch_size", "optimizer")
 
