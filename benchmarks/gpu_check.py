@@ -472,6 +472,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     rec.results.update(dry_run=args.dry_run, when=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                        python=platform.python_version(), plan={k: v for k, v in plan.__dict__.items()})
     args.data.mkdir(parents=True, exist_ok=True)
+    # Import the heavy modules before any stage's time limit: a SIGALRM that
+    # lands inside torch's first import leaves it half-registered, and every
+    # later `import torch` then fails ("... already defined").
+    import onnxruntime  # noqa: F401
+    import torch  # noqa: F401
     with rec.stage("doctor"):
         doctor_report(rec)
     with rec.stage("tests"):
