@@ -89,6 +89,17 @@ def test_export_of_a_checkpoint_without_weights_is_one_line(run, tmp_path, weigh
     assert not out.exists() and not list(tmp_path.glob(".m.onnx*"))
 
 
+@pytest.mark.parametrize("model", [{"name": "simple", "kwargs": {"width": -3}}, {"name": "no-such-net"}])
+def test_export_of_a_checkpoint_whose_model_cannot_be_built_names_the_file(run, tmp_path, model):
+    _, run_dir, _ = run
+    ck = _edited_checkpoint(run_dir / "best.pt", tmp_path / "model.pt", model=model)
+    r = CliRunner().invoke(cli, ["-q", "export", str(ck), "-o", str(tmp_path / "m.onnx")])
+    assert r.exit_code == 1
+    line = _one_error_line(r.output)
+    assert line.startswith(f"Error: {ck}: ") and "model" in line, line
+    assert not (tmp_path / "m.onnx").exists()
+
+
 @pytest.mark.parametrize("stain", [
     "banana",                                                            # not a mapping
     {"method": "reinhard", "mean": [1, 2]},                              # misshapen, std missing

@@ -275,3 +275,11 @@ def test_dist_under_a_process_group_wraps_gathers_and_closes(monkeypatch, tmp_pa
     finally:
         d.close()
     assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_cuda_gets_the_fused_optimizer(optimizer):
+    """Asked for a CUDA device the fused kernels are chosen (torch builds the fused optimizer on CPU tensors too)."""
+    opt = create_optimizer(net().parameters(), TrainConfig(optimizer=optimizer), torch.device("cuda"))
+    assert opt.defaults["fused"] is True
+    assert not create_optimizer(net().parameters(), TrainConfig(optimizer=optimizer), CPU).defaults.get("fused")

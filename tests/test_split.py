@@ -228,3 +228,11 @@ def test_grouped_half_split_is_two_folds_of_the_groups():
     groups = np.array(["a"] * 10 + ["b"] * 10)
     tr, va = make_split(y, val_frac=0.5, groups=groups)                # 1/0.5 = 2 folds: one slide each side
     assert len(set(groups[va])) == 1 and len(set(groups[tr])) == 1 and len(va) == 10
+
+
+def test_fold_means_nothing_without_folds():
+    y = labels(60)
+    groups = np.array([f"s{i // 3}" for i in range(60)])
+    for g in (None, groups):
+        a, b = make_split(y, val_frac=0.25, groups=g, fold=2), make_split(y, val_frac=0.25, groups=g)
+        assert np.array_equal(a[1], b[1])

@@ -238,8 +238,13 @@ class Checkpoint:
         if not self.weights:
             raise ModelError(f"{label}: this checkpoint holds no weights")
         # the weights are here: never reload (or download) a pretrained file
-        net = Classifier(create_model(self.arch, **without_pretrained(self.model_kwargs)),
-                         torch.tensor(self.mean), torch.tensor(self.std))
+        try:
+            backbone = create_model(self.arch, **without_pretrained(self.model_kwargs))
+        except PcamError as exc:   # recorded arguments this pcamtool cannot build (edited, or another version's)
+            if where is None:
+                raise
+            raise ModelError(f"{where}: {exc}") from None
+        net = Classifier(backbone, torch.tensor(self.mean), torch.tensor(self.std))
         load_weights(net, self.weights, f"{where}: checkpoint of model {self.arch}" if where is not None
                      else f"checkpoint of model {self.arch}")
         return net.eval()

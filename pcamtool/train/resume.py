@@ -35,7 +35,9 @@ log = logging.getLogger("pcamtool")
 # Where and how fast a run goes: none changes what is learnt, so a continued run or cv may change them.
 MACHINE = ("device", "threads", "cache", "compile", "tensorboard")
 # A continued training run may also go on longer, stop earlier, export at the end or log elsewhere.
-RESUMABLE = MACHINE + ("epochs", "patience", "export")
+# (Spelled out rather than MACHINE + ...: the refusal lists these once each, in this order.)
+RESUMABLE = ("device", "threads", "cache", "compile", "epochs", "patience", "export", "tensorboard")
+assert set(MACHINE) <= set(RESUMABLE)
 # What identifies a run: a last.pt disagreeing with config.json on these is another run's.
 _IDENTITY = ("arch", "model_kwargs", "pretrained", "img_size", "store", "seed", "batch_size", "optimizer")
 
