@@ -199,6 +199,11 @@ def test_more_folds_than_images_of_a_class_says_the_real_limit(store40, tmp_path
     assert r.exit_code == 1
     assert _one_error_line(r.output) == (f"Error: --folds {folds}: the store has 16 positive images, and every "
                                          f"fold needs at least one of each class (use --folds 16 or fewer)")
+    if command == "cv":   # nothing was written, so the same folder takes a possible split afterwards
+        assert not (tmp_path / "run" / "cv_config.json").exists()
+        r = CliRunner().invoke(cli, ["-q", "cv", str(store40), "--folds", "2", "--epochs", "1", "--no-export",
+                                     "-o", str(tmp_path / "run"), "--arch", "simple", "--device", "cpu"])
+        assert r.exit_code == 0, r.output
 
 
 def test_make_split_limits_with_groups_and_tiny_val_frac():
@@ -472,3 +477,22 @@ def test_torch_save_onto_a_full_disk_says_no_space_naming_the_output(full_disk, 
     with atomic_path(out, force=True) as tmp, WholeWrites(tmp) as f:  # and with room, the same file torch writes
         torch.save(state, f)
     assert torch.equal(torch.load(out, weights_only=True)["w"], state["w"])
+
+
+def test_a_checkpoint_saved_onto_a_full_disk_says_no_space_naming_it(full_disk):
+    from test_checkpoint import tiny_checkpoint
+
+    fd = os.open(full_disk / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    out = full_disk / "best.pt"
+    with pytest.raises(PcamError) as info:
+        tiny_checkpoint().save(out)
+    assert "No space left on device" in str(info.value) and str(out) in str(info.value)
+    assert "enforce fail" not in str(info.value) and "iostream" not in str(info.value)
+    assert os.listdir(full_disk) == ["filler"]

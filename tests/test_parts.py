@@ -283,3 +283,47 @@ def test_cuda_gets_the_fused_optimizer(optimizer):
     opt = create_optimizer(net().parameters(), TrainConfig(optimizer=optimizer), torch.device("cuda"))
     assert opt.defaults["fused"] is True
     assert not create_optimizer(net().parameters(), TrainConfig(optimizer=optimizer), CPU).defaults.get("fused")
+
+
+def test_dist_under_torchrun_starts_the_group_for_its_device(monkeypatch):
+    """Several ranks: nccl for CUDA, gloo for the CPU; each rank on its LOCAL_RANK GPU; DDP told that GPU."""
+    import torch.distributed as td
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(td, "is_initialized", lambda: False)
+    monkeypatch.setattr(td, "init_process_group", lambda backend, **kw: calls.append(("init", backend)))
+    monkeypatch.setattr(td, "destroy_process_group", lambda: calls.append(("destroy",)))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel",
+                        lambda module, device_ids=None: ("ddp", module, device_ids))
+    cpu = Dist(CPU)
+    assert calls == [("init", "gloo")] and cpu.rank == 1 and not cpu.main
+    gpu = Dist(torch.device("cuda"))
+    assert calls[-1] == ("init", "nccl")
+    local = gpu.local_device(torch.device("cuda"))
+    assert local == torch.device("cuda", 3) and calls[-1] == ("set_device", torch.device("cuda", 3))
+    m = net()
+    assert gpu.wrap(m, local) == ("ddp", m, [3])
+    assert cpu.wrap(m, CPU) == ("ddp", m, None)
+    assert cpu.local_device(CPU) == CPU
+    monkeypatch.delenv("LOCAL_RANK")
+    assert gpu.local_device(torch.device("cuda")) == torch.device("cuda", 0)
+    monkeypatch.setattr(td, "is_initialized", lambda: True)
+    cpu.close()
+    assert calls[-1] == ("destroy",)
+
+
+def test_a_single_process_does_not_close_a_group_it_did_not_start(monkeypatch):
+    import torch.distributed as td
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    destroyed = []
+    monkeypatch.setattr(td, "is_initialized", lambda: True)
+    monkeypatch.setattr(td, "destroy_process_group", lambda: destroyed.append(1))
+    Dist(CPU).close()
+    assert destroyed == []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: destroyed.append(d))
+    assert Dist(CPU).local_device(torch.device("cuda", 1)) == torch.device("cuda", 1) and destroyed == []

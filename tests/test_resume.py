@@ -190,3 +190,12 @@ def test_old_checkpoint_without_sampler_state_resumes_at_its_epoch():
     fresh, fresh_loader = parts()
     restore(fresh, fresh_loader, ck, RUN / "last.pt", FP32, CPU)
     assert fresh_loader.epoch == 1
+
+
+def test_unknown_options_are_refused_not_crashed_on():
+    run = TrainConfig()
+    with pytest.raises(PcamError, match=r"cannot change --nonsense on resume \(the run was trained with --nonsense \?\)"):
+        check_changes(run, {"augment": {"nonsense": 1}}, RUN)
+    # an augmentation name given at the top level is not the run's augmentation setting
+    with pytest.raises(PcamError, match=r"the run was trained with --color-strength \?\)"):
+        check_changes(run, {"hue": 0.5}, RUN)

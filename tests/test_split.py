@@ -184,10 +184,15 @@ def test_resolve_groups_prefers_the_file_then_the_store_slides(tmp_path: Path, c
     with_slides = SimpleNamespace(ids=np.array(["a", "b", "c"]), groups=np.array(["x", "y", "y"]), path="st.h5")
     with caplog.at_level(logging.INFO, logger="pcamtool"):
         assert resolve_groups(with_slides, p).tolist() == ["s1", "s2", "s1"]
-        assert "splitting by the 2 groups of " in caplog.text and "g.csv" in caplog.text
+        assert caplog.messages == [f"splitting by the 2 groups of {p}"]
         caplog.clear()
         assert resolve_groups(with_slides, None).tolist() == ["x", "y", "y"]
-        assert "splitting by slide: 2 slides recorded in st.h5" in caplog.text
+        assert caplog.messages == ["splitting by slide: 2 slides recorded in st.h5 (a random split would put "
+                                   "patches of one slide on both sides and leak; --groups FILE overrides)"]
+        caplog.clear()
+        no_path = SimpleNamespace(ids=np.array(["a"]), groups=np.array(["x"]))
+        assert resolve_groups(no_path, None).tolist() == ["x"]
+        assert caplog.messages[0].startswith("splitting by slide: 1 slides recorded in the store (")
         caplog.clear()
         assert resolve_groups(SimpleNamespace(ids=np.array(["a"]), groups=None), "") is None
         assert resolve_groups(SimpleNamespace(ids=np.array(["a"])), None) is None

@@ -186,10 +186,13 @@ class Checkpoint:
         """Write the checkpoint atomically; a full disk is one line naming ``path``."""
         import torch
 
+        from ..io.fsutil import WholeWrites
         from .runs import writing
 
-        with writing(Path(path), "checkpoint") as tmp:
-            torch.save(self.to_dict(), tmp)
+        # torch.save's own writer reports a full disk as "[enforce fail at
+        # inline_container.cc]"; writing through WholeWrites raises ENOSPC.
+        with writing(Path(path), "checkpoint") as tmp, WholeWrites(tmp) as f:
+            torch.save(self.to_dict(), f)
         return Path(path)
 
     @classmethod

@@ -274,6 +274,8 @@ def run_cv(cfg: TrainConfig, folds: Optional[int] = None, out: Optional[str | Pa
     if cfg.fold != 0 or "fold" in (overrides or {}):
         raise PcamError(f"--fold {cfg.fold}: cv trains every fold (drop --fold; 'pcamtool train --folds K "
                         f"--fold I' trains one)")
+    if not resume:   # an impossible split (more folds than images of a class) is refused before the folder is made
+        fold_rows(cfg, open_store(cfg.store, need_labels=True), k, 0)
     target = Path(out) if out is not None else Path(cfg.out) if cfg.out else new_run_dir(_cv_dir_name(cfg.arch), RUNS)
     with run_lock(target, create=not resume):   # a second cv into the same folder is refused while this one runs
         cfg, k, cv_dir = open_cv_dir(cfg, k, target, resume, overrides)
