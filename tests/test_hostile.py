@@ -496,3 +496,18 @@ def test_a_checkpoint_saved_onto_a_full_disk_says_no_space_naming_it(full_disk):
     assert "No space left on device" in str(info.value) and str(out) in str(info.value)
     assert "enforce fail" not in str(info.value) and "iostream" not in str(info.value)
     assert os.listdir(full_disk) == ["filler"]
+
+
+
+def test_a_recorded_groups_path_that_became_a_folder_is_named_as_a_folder(store40, tmp_path):
+    """A checkpoint's recorded --groups (read back by export --int8 and cv) that is now a folder."""
+    from types import SimpleNamespace
+
+    from pcamtool.io.store import open_store
+    from pcamtool.train.checkpoint import split_rows
+
+    (tmp_path / "groups.csv").mkdir()
+    cfg = SimpleNamespace(val_store=None, groups=str(tmp_path / "groups.csv"), val_frac=0.2, seed=0, folds=None,
+                          fold=0, max_train=None)
+    with pytest.raises(PcamError, match=r"groups.csv: is a folder, expected an id,group CSV file"):
+        split_rows(cfg, open_store(store40))

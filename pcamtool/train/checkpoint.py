@@ -75,7 +75,8 @@ def split_rows(cfg: "TrainConfig", store: "Store") -> tuple[np.ndarray, np.ndarr
         tr, va = np.arange(len(store)), np.arange(0)
     else:
         if cfg.groups and not Path(cfg.groups).is_file():
-            raise PcamError(f"--groups {cfg.groups}: file not found (the split groups by it; without it "
+            what = "is a folder, expected an id,group CSV file" if Path(cfg.groups).is_dir() else "file not found"
+            raise PcamError(f"--groups {cfg.groups}: {what} (the split groups by it; without it "
                             f"slides would leak between training and validation)")
         tr, va = make_split(store.labels, cfg.val_frac, cfg.seed, cfg.folds, cfg.fold,
                             resolve_groups(store, cfg.groups))
