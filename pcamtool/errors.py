@@ -45,6 +45,14 @@ class ModelError(PcamError):
     """A checkpoint or ONNX model is missing, foreign, or does not fit the data."""
 
 
+class MissingExtraError(PcamError):
+    """An optional feature's package is absent; the message names ``pip install 'pcamtool[EXTRA]'``.
+
+    Never prefixed with the file that asked for the feature: the file is fine,
+    the environment lacks a package.
+    """
+
+
 class BusyError(PcamError):
     """An output is being written by another process right now."""
 

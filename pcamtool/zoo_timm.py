@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from .constants import PATCH_SIZE  # the side of a PCam patch: what the backbone receives
 from .constants import TIMM_PREFIX as PREFIX  # the one definition of "timm:"
-from .errors import ModelError
+from .errors import MissingExtraError, ModelError
 from .jsonutil import jsonable
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
@@ -67,7 +67,7 @@ def _timm(label: str = "timm:NAME") -> Any:
         import timm
     except ImportError as exc:  # timm, or the torchvision it imports, is missing
         missing = getattr(exc, "name", None) or "timm"
-        raise ModelError(f"{label} needs timm and torchvision ({missing} is not installed): "
+        raise MissingExtraError(f"{label} needs timm and torchvision ({missing} is not installed): "
                          f"{EXTRA_HINT}") from None
     except (RuntimeError, OSError, AttributeError) as exc:  # a torchvision built for another torch fails at import
         raise ModelError(f"timm does not import beside this torch {torch.__version__} (install the torchvision "

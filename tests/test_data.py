@@ -129,14 +129,15 @@ def test_drop_last_drops_only_the_short_batch():
     assert len(ld) == 4 and [len(b.index) for b in ld] == [5, 5, 5, 5]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: BatchLoader.__iter__ with drop_last stops one batch early when the "
-                                       "rows are a multiple of the batch size (range(bs, len(idx), bs) misses the "
-                                       "last full batch), while __len__ (the schedule's steps) counts it")
 def test_drop_last_keeps_the_last_full_batch():
+    # rows a multiple of the batch size: every batch runs (the schedule's steps, len(), count it)
     _, ld = loader(n=20, bs=5, drop_last=True)
     got = list(ld)
     assert len(ld) == 4 and len(got) == 4
     assert np.array_equal(np.concatenate([b.index for b in got]), np.arange(20))
+    _, ld = loader(n=23, bs=5, drop_last=True)
+    got = list(ld)
+    assert len(ld) == 4 and len(got) == 4 and all(len(b.index) == 5 for b in got)
 
 
 def test_shuffled_epoch_e_is_the_permutation_of_seed_plus_e():

@@ -75,3 +75,28 @@ def test_step_moves_the_weights_the_schedule_and_the_average():
     for e0, e1, w in zip(ema_before, t.ema.model.parameters(), after):  # EMA decay 0.5: half-way
         assert torch.allclose(e1, 0.5 * e0 + 0.5 * w.detach(), atol=1e-6)
     assert all(p.grad is not None for p in t.net.parameters())
+
+
+def test_micro_batches_keep_gradients_local_until_the_last_slice():
+    """Under DDP every slice but the last runs inside ``no_sync()`` (one all-reduce per step)."""
+    import contextlib
+
+    t, b = trainer(0.0, micro_batch=2), a_batch()
+    entered = []
+
+    class Wrapped(torch.nn.Module):   # what DistributedDataParallel offers the step: forward and no_sync
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            entered.append(1)
+            yield
+
+    t.module = Wrapped(t.module)
+    train_step(t, b)
+    assert entered == [1, 1]          # 3 slices of 2: the first two without sync

@@ -199,3 +199,64 @@ def test_unknown_options_are_refused_not_crashed_on():
     # an augmentation name given at the top level is not the run's augmentation setting
     with pytest.raises(PcamError, match=r"the run was trained with --color-strength \?\)"):
         check_changes(run, {"hue": 0.5}, RUN)
+
+
+def test_several_refused_options_are_listed_together():
+    with pytest.raises(PcamError, match=r"cannot change --lr, --seed on resume \(the run was trained with --lr 0.002, "
+                                        r"--seed 0\); only --device, "):
+        check_changes(TrainConfig(), {"lr": 1e-3, "seed": 1}, RUN)
+
+
+def test_restore_without_ema_keeps_the_trained_weights_not_the_saved_average():
+    t, loader = parts(ema=0.0)
+    ck = checkpoint(t, loader)
+    other, _ = parts(ema=0.0, seed=7)
+    ck = Checkpoint(**{**ck.__dict__, "weights": {k: v.clone() for k, v in other.net.state_dict().items()}})
+    fresh, fresh_loader = parts(ema=0.0, seed=5)
+    restore(fresh, fresh_loader, ck, RUN / "last.pt", FP32, CPU)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.net.parameters(), t.net.parameters()))
+
+
+def test_restore_takes_the_sampler_state_over_the_epoch():
+    t, loader = parts()
+    ck = checkpoint(t, loader)
+    ck = Checkpoint(**{**ck.__dict__, "epoch": 5})
+    ck.training_state["sampler"] = {"epoch": 2, "seed": 3, "rows": 12, "world": 1}
+    fresh, fresh_loader = parts()
+    restore(fresh, fresh_loader, ck, RUN / "last.pt", FP32, CPU)
+    assert fresh_loader.epoch == 2
+
+
+def test_old_checkpoint_without_scaler_or_rng_state(caplog):
+    t, loader = parts()
+    ck = checkpoint(t, loader)
+    del ck.training_state["scaler"], ck.training_state["rng"]
+    fresh, fresh_loader = parts()
+    fresh.scaler.skipped.fill_(4)
+    with caplog.at_level(logging.WARNING, logger="pcamtool"):
+        restore(fresh, fresh_loader, ck, RUN / "last.pt", FP32, CPU)
+    assert int(fresh.scaler.skipped) == 0
+    assert caplog.messages == [f"{RUN / 'last.pt'}: saved on ?, resumed on cpu: random augmentation restarts from "
+                               f"the seed, so the run will not repeat an uninterrupted one exactly"]
+    assert torch.equal(fresh.gen.get_state(), torch.Generator().manual_seed(3 + 7919).get_state())
+
+
+def test_restore_messages_name_the_checkpoint(caplog):
+    fp16 = Precision("cpu", torch.float16, False, "fp16: test")
+    t, loader = parts()
+    ck = checkpoint(t, loader)
+    fresh, fresh_loader = parts()
+    with caplog.at_level(logging.WARNING, logger="pcamtool"):
+        restore(fresh, fresh_loader, ck, RUN / "last.pt", fp16, CPU)
+    assert caplog.messages == [f"{RUN / 'last.pt'}: trained in fp32, resumed in fp16: the loss scaler starts afresh"]
+    ck.training_state["optimizer"] = {"state": {}, "param_groups": []}
+    with pytest.raises(PcamError, match=r"runs/x/last.pt: optimizer state does not fit this run \(loaded state dict"):
+        restore(fresh, fresh_loader, ck, RUN / "last.pt", FP32, CPU)
+    for key in ("train_weights", "weights"):
+        bad = checkpoint(t, loader)
+        if key == "weights":
+            bad = Checkpoint(**{**bad.__dict__, "weights": {"nonsense": torch.zeros(1)}})
+        else:
+            bad.training_state["train_weights"] = {"nonsense": torch.zeros(1)}
+        with pytest.raises(PcamError, match=r"^runs/x/last.pt"):
+            restore(fresh, fresh_loader, bad, RUN / "last.pt", FP32, CPU)

@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ..errors import PcamError
+from ..errors import MissingExtraError, PcamError
 
 MODEL_MPP = 0.972         # PCam: CAMELYON's 40x scans (0.243 um/px) downsampled 4x
 TILE = 96                 # the model's input side, in pixels at MODEL_MPP
@@ -43,7 +43,7 @@ def openslide_module() -> Any:
     try:
         import openslide
     except ImportError:
-        raise PcamError(INSTALL_HINT) from None
+        raise MissingExtraError(INSTALL_HINT) from None
     return openslide
 
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from .. import __version__
 from ..constants import DEFAULT_TTA, PATCH_SHAPE, TTA_CHOICES
-from ..errors import ModelError, PcamError
+from ..errors import MissingExtraError, ModelError, PcamError
 from ..stain import StainReference
 
 if TYPE_CHECKING:
@@ -178,6 +178,8 @@ class Checkpoint:
                        best_auc=float(d.get("best_auc", d.get("val_auc", float("nan")))),
                        best_epoch=int(d.get("best_epoch", 0)), tta_default=int(d.get("tta_default", DEFAULT_TTA)),
                        pcamtool_version=str(d.get("pcamtool_version", "?")), training_state=state or None)
+        except MissingExtraError:   # the file is fine; the environment lacks a package
+            raise
         except PcamError as exc:   # first: PcamError is a ValueError too, and already says what is wrong
             raise ModelError(f"{where}: {exc}") from None
         except (KeyError, TypeError, ValueError) as exc:
@@ -244,6 +246,8 @@ class Checkpoint:
         # the weights are here: never reload (or download) a pretrained file
         try:
             backbone = create_model(self.arch, **without_pretrained(self.model_kwargs))
+        except MissingExtraError:   # the file is fine; the environment lacks a package
+            raise
         except PcamError as exc:   # recorded arguments this pcamtool cannot build (edited, or another version's)
             if where is None:
                 raise

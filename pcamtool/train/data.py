@@ -228,7 +228,8 @@ class BatchLoader:
     def __iter__(self) -> Iterator[Batch]:
         idx = self.epoch_indices(self.epoch)
         self.epoch += 1
-        stops = range(self.batch_size, len(idx) + (0 if self.drop_last else self.batch_size), self.batch_size)
+        # batch ends: with drop_last up to len(idx) itself (a last full batch is kept), else one partial batch more
+        stops = range(self.batch_size, len(idx) + (1 if self.drop_last else self.batch_size), self.batch_size)
         parts = [idx[s - self.batch_size:s] for s in stops if s - self.batch_size < len(idx)]
         copier = self.source.copier
 

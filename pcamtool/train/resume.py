@@ -56,17 +56,20 @@ class Resumable(Protocol):
 def given_options(cfg: TrainConfig, run_cfg: TrainConfig) -> dict[str, Any]:
     """The options of ``cfg`` that differ from the run's own, as overrides (a library caller's ``fit(cfg, resume=...)``).
 
-    Fields ``cfg`` leaves unset (None) count as not given.
+    Fields ``cfg`` leaves unset (None) or at their default count as not
+    given, so ``fit(TrainConfig(), resume=run)`` continues the run as it was.
     """
+    default, default_aug = TrainConfig(), AugmentConfig()
     out: dict[str, Any] = {}
     for f in fields(TrainConfig):
         mine, theirs = getattr(cfg, f.name), getattr(run_cfg, f.name)
         if f.name == "augment":
             aug = {a.name: getattr(mine, a.name) for a in fields(AugmentConfig)
-                   if getattr(mine, a.name) != getattr(theirs, a.name)}
+                   if getattr(mine, a.name) != getattr(theirs, a.name)
+                   and getattr(mine, a.name) != getattr(default_aug, a.name)}
             if aug:
                 out["augment"] = aug
-        elif mine is not None and mine != theirs:
+        elif mine is not None and mine != theirs and mine != getattr(default, f.name):
             out[f.name] = mine
     return out
 

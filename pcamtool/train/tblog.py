@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..errors import PcamError
+from ..errors import MissingExtraError, PcamError
 
 # metrics.csv column -> TensorBoard tag: the same names group the same plots across runs
 SCALARS = {"train_loss": "loss/train", "val_loss": "loss/validation", "val_auc": "validation/auc",
@@ -70,7 +70,7 @@ def _writer_class():
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # torch's module raises this when the tensorboard package is missing
-        raise PcamError(INSTALL) from None
+        raise MissingExtraError(INSTALL) from None
     return SummaryWriter
 
 
