@@ -18,29 +18,20 @@ import tifffile
 import torch
 
 from pcamtool import pack
-from pcamtool.contract import Classifier, ProbabilityModel
-from pcamtool.export import export_onnx
+from pcamtool.contract import ProbabilityModel
 from pcamtool.infer import predict
-from pcamtool.models import DEFAULT_MODEL, create_model
 from pcamtool.onnx_io import open_session, provider_problems
 from pcamtool.tta import tta_graph, tta_mean, tta_transforms
 
-from pcamtool.train.runs import save_checkpoint
 
 N = 1024
 RESULTS: dict[str, float] = {}
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, untrained_model):
     root = tmp_path_factory.mktemp("infer")
-    torch.manual_seed(0)
-    mean, std = [0.70, 0.55, 0.70], [0.24, 0.28, 0.22]
-    net = Classifier(create_model(DEFAULT_MODEL), mean, std).eval()
-    ckpt = root / "m.pt"
-    save_checkpoint(ckpt, {"model": {"name": DEFAULT_MODEL, "kwargs": {}}, "weights": net.state_dict(),
-                           "mean": mean, "std": std, "stain": {"method": "none"}, "store": {}, "val_auc": 0.5})
-    model = export_onnx(ckpt, root / "m.onnx").path
+    net, model = untrained_model
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (N, 96, 96, 3), dtype=np.uint8)
     (root / "test").mkdir()

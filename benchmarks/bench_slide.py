@@ -37,26 +37,16 @@ RESULTS: dict[str, float] = {}
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, untrained_model):
     import tifffile
 
     from pcamtool import pack
-    from pcamtool.contract import Classifier
-    from pcamtool.export import export_onnx
     from pcamtool.io.store import open_store
-    from pcamtool.models import DEFAULT_MODEL, create_model
     from pcamtool.quantize import quantize_graph
-    from pcamtool.train.runs import save_checkpoint
 
     root = tmp_path_factory.mktemp("slide")
     slide = write_repeated_slide(root / "bench.tif", N_TILES)
-    torch.manual_seed(0)
-    mean, std = [0.70, 0.55, 0.70], [0.24, 0.28, 0.22]
-    net = Classifier(create_model(DEFAULT_MODEL), mean, std).eval()
-    ckpt = root / "m.pt"
-    save_checkpoint(ckpt, {"model": {"name": DEFAULT_MODEL, "kwargs": {}}, "weights": net.state_dict(),
-                           "mean": mean, "std": std, "stain": {"method": "none"}, "store": {}, "val_auc": 0.5})
-    fp32 = export_onnx(ckpt, root / "m.onnx").path
+    net, fp32 = untrained_model
     (root / "calib").mkdir()   # calibration images: tiles of the slide itself
     with open_slide(slide) as sl:
         geo = slide_geometry(sl, slide)

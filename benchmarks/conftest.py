@@ -316,3 +316,23 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
                           f"{methods['Store.gather'][0] / methods['h5py ds[sorted idx]'][0]:,.0f}x")
     tr.write_line(f"(cores usable: {len(os.sched_getaffinity(0))}; load average: "
                   f"{', '.join(f'{x:.2f}' for x in os.getloadavg())})")
+
+
+@pytest.fixture(scope="session")
+def untrained_model(tmp_path_factory: pytest.TempPathFactory):
+    """The default network with random weights (speed, not accuracy): ``(net, fp32 ONNX path)``."""
+    import torch
+
+    from pcamtool.contract import Classifier
+    from pcamtool.export import export_onnx
+    from pcamtool.models import DEFAULT_MODEL, create_model
+    from pcamtool.train.runs import save_checkpoint
+
+    root = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    mean, std = [0.70, 0.55, 0.70], [0.24, 0.28, 0.22]
+    net = Classifier(create_model(DEFAULT_MODEL), mean, std).eval()
+    save_checkpoint(root / "m.pt", {"model": {"name": DEFAULT_MODEL, "kwargs": {}}, "weights": net.state_dict(),
+                                    "mean": mean, "std": std, "stain": {"method": "none"}, "store": {},
+                                    "val_auc": 0.5})
+    return net, export_onnx(root / "m.pt", root / "m.onnx").path

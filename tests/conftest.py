@@ -6,6 +6,7 @@ named by ``PCAMTOOL_REAL_DIR`` (it must hold ``train/`` and ``train_labels.csv``
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,17 @@ def no_curves(monkeypatch):
     import pcamtool.train.loop as loop
 
     monkeypatch.setattr(loop, "plot_curves", lambda *a, **k: None)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real full disk to write onto: a 1 MiB tmpfs (root only; skipped elsewhere)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -45,38 +45,29 @@ def store40(tmp_path) -> Path:
 # ---------------------------------------------------------------- crashes by signal
 
 
-@pytest.fixture
-def full_disk(tmp_path):
-    """A 1 MiB tmpfs (root only), as in test_reliability."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (not root?)")
+def fill(disk: Path, leave: int = 0) -> None:
+    """Fill the 1 MiB ``disk`` with a file ``filler`` until ``leave`` bytes (or none) are free."""
+    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
     try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def test_pack_force_onto_a_full_disk_over_a_store_is_an_error_not_a_segfault(tmp_path, full_disk):
-    write_kaggle(tmp_path, n=20)
-    out = full_disk / "train.h5"
-    pack(tmp_path / "train", out=out, progress=False)
-    before = out.read_bytes()
-    fd = os.open(full_disk / "filler", os.O_WRONLY | os.O_CREAT)
-    try:  # fill what is left, to the last byte
-        while os.write(fd, b"\0" * 4096):
+        while os.fstat(fd).st_size < 2**20 - leave and os.write(fd, b"\0" * 4096):
             pass
-    except OSError:
+    except OSError:   # ENOSPC: full
         pass
     finally:
         os.close(fd)
+
+
+def test_pack_force_onto_a_full_disk_over_a_store_is_an_error_not_a_segfault(tmp_path, small_disk):
+    write_kaggle(tmp_path, n=20)
+    out = small_disk / "train.h5"
+    pack(tmp_path / "train", out=out, progress=False)
+    before = out.read_bytes()
+    fill(small_disk)
     r = _run_cli("-q", "pack", str(tmp_path / "train"), "-o", str(out), "--force")
     assert r.returncode == 1, (r.returncode, r.stderr[-2000:])  # 139 (SIGSEGV) at exit before
     assert _one_error_line(r.stderr) == f"Error: {out}: cannot write (No space left on device); nothing was written"
     assert out.read_bytes() == before  # the store that was there is untouched
-    assert sorted(os.listdir(full_disk)) == ["filler", "train.h5"]
+    assert sorted(os.listdir(small_disk)) == ["filler", "train.h5"]
 
 
 TRUNCATE_DURING_CHECK = """
@@ -453,49 +444,35 @@ def test_a_lock_left_by_a_killed_writer_is_taken_over(tmp_path):
 
 
 @pytest.mark.parametrize("room", [0, 100_000])  # torch: "basic_ios::clear: iostream error" / "[enforce fail ...]"
-def test_torch_save_onto_a_full_disk_says_no_space_naming_the_output(full_disk, room):
+def test_torch_save_onto_a_full_disk_says_no_space_naming_the_output(small_disk, room):
     import torch
 
     from pcamtool.io.fsutil import WholeWrites, atomic_path
 
-    fd = os.open(full_disk / "filler", os.O_WRONLY | os.O_CREAT)
-    try:
-        while os.fstat(fd).st_size < 2**20 - room and os.write(fd, b"\0" * 4096):
-            pass
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-    out = full_disk / "best.pt"
+    fill(small_disk, leave=room)
+    out = small_disk / "best.pt"
     state = {"w": torch.arange(100_000, dtype=torch.float32)}  # 400 kB: more than is left
     with pytest.raises(PcamError) as info:
         with atomic_path(out, force=True) as tmp, WholeWrites(tmp) as f:
             torch.save(state, f)
     assert str(info.value) == f"{out}: cannot write (No space left on device); nothing was written"
-    assert os.listdir(full_disk) == ["filler"]
-    os.unlink(full_disk / "filler")
+    assert os.listdir(small_disk) == ["filler"]
+    os.unlink(small_disk / "filler")
     with atomic_path(out, force=True) as tmp, WholeWrites(tmp) as f:  # and with room, the same file torch writes
         torch.save(state, f)
     assert torch.equal(torch.load(out, weights_only=True)["w"], state["w"])
 
 
-def test_a_checkpoint_saved_onto_a_full_disk_says_no_space_naming_it(full_disk):
+def test_a_checkpoint_saved_onto_a_full_disk_says_no_space_naming_it(small_disk):
     from test_checkpoint import tiny_checkpoint
 
-    fd = os.open(full_disk / "filler", os.O_WRONLY | os.O_CREAT)
-    try:
-        while os.write(fd, b"\0" * 4096):
-            pass
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-    out = full_disk / "best.pt"
+    fill(small_disk)
+    out = small_disk / "best.pt"
     with pytest.raises(PcamError) as info:
         tiny_checkpoint().save(out)
     assert "No space left on device" in str(info.value) and str(out) in str(info.value)
     assert "enforce fail" not in str(info.value) and "iostream" not in str(info.value)
-    assert os.listdir(full_disk) == ["filler"]
+    assert os.listdir(small_disk) == ["filler"]
 
 
 

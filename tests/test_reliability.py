@@ -302,20 +302,6 @@ def test_a_disk_filling_under_hdf5_is_an_error_not_a_crash(tmp_path):
     assert r.stdout.split() == ["raised", "28", str(path)]
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 1 MiB tmpfs (root only; the injected failures above cover the same code elsewhere)."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (not root?)")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 @pytest.mark.parametrize("compression", ["none", "gzip"])
 def test_pack_onto_a_really_full_disk(kaggle, small_disk, compression):
     root, *_ = kaggle  # 40 patches, 1.1 MB: more than the disk holds

@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -303,23 +303,30 @@ def _write_store(tmp: Path, src: Path, paths: list[str], stems: list[str], y: np
         mean, std = channel_stats(sums, sqsums, count)
         writer.images.resize(count, axis=0)
         writer.n = count
-        attrs = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "pcamtool_version": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            **provenance,
-            "count": count,
-            "n_positive": int((labels_arr == 1).sum()),
-            "n_unlabelled": int((labels_arr < 0).sum()),
-            "mean": mean,
-            "std": std,
-            "options": json.dumps({"chunk": writer.chunk, "compression": compression, "skip_bad": skip_bad}),
-            "skipped": json.dumps(skipped),
-        }
+        attrs = _store_attrs(provenance, labels_arr, mean, std, skipped,
+                             {"chunk": writer.chunk, "compression": compression, "skip_bad": skip_bad})
         stop()
         writer.finish(kept_ids, labels_arr, attrs)
     return count, labels_arr, mean, std
+
+
+def _store_attrs(provenance: dict, labels: np.ndarray, mean: Any, std: Any, skipped: list,
+                 options: dict) -> dict:
+    """The store's root attributes, as every pack writes them (tifs or a PCam split)."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "pcamtool_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **provenance,
+        "count": len(labels),
+        "n_positive": int((labels == 1).sum()),
+        "n_unlabelled": int((labels < 0).sum()),
+        "mean": mean,
+        "std": std,
+        "options": json.dumps(options),
+        "skipped": json.dumps(skipped),
+    }
 
 
 REFERENCE_SAMPLE = 2048  # patches the stain reference is fitted on
@@ -504,21 +511,9 @@ def _write_pcam_store(tmp: Path, source, *, chunk: int, compression: str, transf
         source.verify()  # a .gz: the rest of the stream, its CRC and length
         mean, std = channel_stats(sums, sqsums, n)
         labels = source.labels
-        attrs = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "pcamtool_version": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            **provenance,
-            "count": n,
-            "n_positive": int((labels == 1).sum()),
-            "n_unlabelled": 0,
-            "mean": mean,
-            "std": std,
-            "options": json.dumps({"chunk": writer.chunk, "compression": compression, "skip_bad": False,
-                                   "pcam_split": source.files.split}),
-            "skipped": "[]",
-        }
+        attrs = _store_attrs(provenance, labels, mean, std, [],
+                             {"chunk": writer.chunk, "compression": compression, "skip_bad": False,
+                              "pcam_split": source.files.split})
         stop()
         writer.finish(list(source.ids), labels, attrs, meta=source.meta)
     return mean, std
