@@ -77,11 +77,12 @@ def test_step_moves_the_weights_the_schedule_and_the_average():
     assert all(p.grad is not None for p in t.net.parameters())
 
 
-def test_micro_batches_keep_gradients_local_until_the_last_slice():
+@pytest.mark.parametrize("micro,slices", [(2, 3), (1, 6), (4, 2), (6, 1), (0, 1)])
+def test_micro_batches_keep_gradients_local_until_the_last_slice(micro, slices):
     """Under DDP every slice but the last runs inside ``no_sync()`` (one all-reduce per step)."""
     import contextlib
 
-    t, b = trainer(0.0, micro_batch=2), a_batch()
+    t, b = trainer(0.0, micro_batch=micro), a_batch()
     entered = []
 
     class Wrapped(torch.nn.Module):   # what DistributedDataParallel offers the step: forward and no_sync
@@ -98,5 +99,22 @@ def test_micro_batches_keep_gradients_local_until_the_last_slice():
             yield
 
     t.module = Wrapped(t.module)
+    calls = []
+    t.module.register_forward_pre_hook(lambda m, a: calls.append(len(a[0])))
     train_step(t, b)
-    assert entered == [1, 1]          # 3 slices of 2: the first two without sync
+    assert len(calls) == slices and sum(calls) == 6
+    assert entered == [1] * (slices - 1)          # all slices but the last without sync
+
+
+def test_create_trainer_seeds_each_rank_and_lays_out_the_network():
+    t = trainer(0.0)
+    assert torch.equal(t.gen.get_state(), torch.Generator().manual_seed(0).get_state())  # rank 0: the seed itself
+    assert [g["lr"] for g in t.opt.param_groups] == [1e-3]                                # one group at --lr
+    torch.manual_seed(0)
+    net = Classifier(create_model("pcamnet", width=4, dropout=0.0), [0.5] * 3, [0.25] * 3)
+    cl = Precision("cpu", None, True, "channels-last: test")
+    t2 = create_trainer(TrainConfig(seed=5), net, CPU, cl, total_steps=4, rank=2)
+    assert torch.equal(t2.gen.get_state(), torch.Generator().manual_seed(5 + 2000).get_state())
+    convs = [m.weight for m in t2.net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert t2.memory_format == torch.channels_last

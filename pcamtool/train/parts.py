@@ -66,7 +66,6 @@ class EMA:
     def __init__(self, net: torch.nn.Module, decay: float) -> None:
         self.decay = decay
         self.model = net
-        self._pairs: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
         if decay > 0:
             self.model = copy.deepcopy(net).eval()
             for p in self.model.parameters():
