@@ -53,6 +53,11 @@ from .errors import MissingExtraError, ModelError
 from .jsonutil import jsonable
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
+
+
+class TimmMissingError(MissingExtraError, ModelError):
+    """timm or torchvision is not installed (a ModelError, as callers of create_model expect)."""
+
 _RECORDED = ("timm_name", "img_size", "pretrained", "timm_kwargs", "timm_version")
 
 log = logging.getLogger("pcamtool")
@@ -67,7 +72,7 @@ def _timm(label: str = "timm:NAME") -> Any:
         import timm
     except ImportError as exc:  # timm, or the torchvision it imports, is missing
         missing = getattr(exc, "name", None) or "timm"
-        raise MissingExtraError(f"{label} needs timm and torchvision ({missing} is not installed): "
+        raise TimmMissingError(f"{label} needs timm and torchvision ({missing} is not installed): "
                          f"{EXTRA_HINT}") from None
     except (RuntimeError, OSError, AttributeError) as exc:  # a torchvision built for another torch fails at import
         raise ModelError(f"timm does not import beside this torch {torch.__version__} (install the torchvision "
