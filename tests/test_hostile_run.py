@@ -245,6 +245,7 @@ def test_resume_messages_name_the_runs_own_arch(run, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timm
 def test_resume_of_a_timm_run_refuses_img_size_as_a_change(run, tmp_path):
     """The reported case: --img-size on resume of a timm run was refused as "not 'plain4'"."""
     store, _, _ = run
