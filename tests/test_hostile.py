@@ -488,3 +488,30 @@ def test_a_recorded_groups_path_that_became_a_folder_is_named_as_a_folder(store4
                           fold=0, max_train=None)
     with pytest.raises(PcamError, match=r"groups.csv: is a folder, expected an id,group CSV file"):
         split_rows(cfg, open_store(store40))
+
+
+def test_ctrl_c_while_a_checkpoint_is_written_interrupts_after_the_write(tmp_path):
+    """torch's C++ writer turns an exception raised inside ``write`` into "[enforce fail ...]": Ctrl-C waits."""
+    import signal
+
+    import torch
+
+    from pcamtool.io.fsutil import WholeWrites
+
+    sent: list[int] = []
+
+    class CtrlCInWrite(WholeWrites):
+        def write(self, data):
+            if not sent:
+                sent.append(1)
+                os.kill(os.getpid(), signal.SIGINT)   # lands while torch.save is inside this call
+            return super().write(data)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)   # a background shell ignores it
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with CtrlCInWrite(tmp_path / "x.pt") as f:
+                torch.save({"w": torch.arange(1000)}, f)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert sent and torch.equal(torch.load(tmp_path / "x.pt", weights_only=True)["w"], torch.arange(1000))

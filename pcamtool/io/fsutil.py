@@ -21,8 +21,10 @@ import errno
 import os
 import re
 import secrets
+import signal
+import threading
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from ..errors import BusyError, ExistsError, PcamError
 
@@ -335,6 +337,36 @@ def atomic_paths(paths: Sequence[str | os.PathLike], force: bool = False) -> Ite
             raise
 
 
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[Callable[[], bool]]:
+    """Turn Ctrl-C into a flag the caller polls at a point it chooses; yields the poll.
+
+    Python raises ``KeyboardInterrupt`` in whatever Python code runs next.
+    During a compressed write that is often a weakref callback inside h5py,
+    where the exception is printed as "ignored" and lost: the pack went on
+    and exited 0. A flag read at one known point cannot be lost. A second
+    Ctrl-C raises at once, for the impatient. Off the main thread (no
+    signals there) or where SIGINT is ignored, nothing changes.
+    """
+    hits: list[int] = []
+
+    def on_sigint(signum: int, frame: object) -> None:
+        if hits:
+            raise KeyboardInterrupt
+        hits.append(signum)
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, None):
+        yield lambda: False
+        return
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield lambda: bool(hits)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+
 class WholeWrites:
     """A binary file whose ``write`` writes everything or raises ``OSError`` naming the file.
 
@@ -382,9 +414,19 @@ class WholeWrites:
         self._f.close()
 
     def __enter__(self) -> "WholeWrites":
+        # Ctrl-C is held back while the C++ writer calls write(): a KeyboardInterrupt
+        # raised inside it would reach the caller as torch's "[enforce fail ...]"
+        self._defer = deferred_interrupt()
+        self._interrupted = self._defer.__enter__()
         return self
 
     def __exit__(self, exc_type: object, exc: Optional[BaseException], tb: object) -> None:
-        self.close()
+        try:
+            self.close()
+        finally:
+            interrupted = self._interrupted()
+            self._defer.__exit__(None, None, None)
         if exc is not None and self.error is not None and exc is not self.error:
             raise self.error from None  # the real reason, not the writer's report of it
+        if interrupted and exc is None:
+            raise KeyboardInterrupt  # now that the file is whole

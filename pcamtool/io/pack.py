@@ -14,8 +14,6 @@ import datetime as _dt
 import json
 import logging
 import os
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +26,7 @@ from .csvio import read_labels
 from .sources import labels_beside, named_folder
 from ..system import cpu_threads
 from ..errors import BadImageError, ImageFolderError, Interrupted, LabelsError, PcamError, few
-from .fsutil import atomic_path, check_writable, utf8_ok
+from .fsutil import atomic_path, check_writable, deferred_interrupt, utf8_ok
 from ..kernels.stats import channel_sums
 from ..progress import progress_bar
 from .store import COMPRESSIONS, FORMAT, FORMAT_VERSION, StoreWriter, channel_stats
@@ -68,35 +66,6 @@ def default_store_path(src: Path) -> Path:
     if not folder.name:
         raise ImageFolderError(f"{src}: has no name to call the store after; give one with -o")
     return folder.parent / f"{folder.name}.h5"
-
-
-@contextlib.contextmanager
-def _deferred_interrupt() -> Iterator[Callable[[], bool]]:
-    """Turn Ctrl-C into a flag the pack polls between batches; yields the poll.
-
-    Python raises ``KeyboardInterrupt`` in whatever Python code runs next.
-    During a compressed write that is often a weakref callback inside h5py,
-    where the exception is printed as "ignored" and lost: the pack went on
-    and exited 0. A flag read at one known point cannot be lost. A second
-    Ctrl-C raises at once, for the impatient. Off the main thread (no
-    signals there) or where SIGINT is ignored, nothing changes.
-    """
-    hits: list[int] = []
-
-    def on_sigint(signum: int, frame: object) -> None:
-        if hits:
-            raise KeyboardInterrupt
-        hits.append(signum)
-
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, None):
-        yield lambda: False
-        return
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield lambda: bool(hits)
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _refuse_undecodable(tifs: list[str], stems: list[str], skip_bad: bool,
@@ -226,7 +195,7 @@ def pack(src: str | os.PathLike, labels: Optional[str | os.PathLike] = None,
     message = f"{out_path}: pack interrupted, nothing written (the same command starts it again)"
     provenance = {"source": str(src.resolve()), "labels_source": labels_source,
                   "stain": json.dumps(stain_meta)}
-    with _deferred_interrupt() as interrupted, atomic_path(out_path, force=force) as tmp:
+    with deferred_interrupt() as interrupted, atomic_path(out_path, force=force) as tmp:
         count, labels_arr, mean, std = _write_store(
             tmp, src, tifs, stems, y, chunk=chunk, compression=compression, workers=workers,
             transform=transform, skip_bad=skip_bad, skipped=skipped, progress=progress,
@@ -441,7 +410,7 @@ def pack_pcam(src: str | os.PathLike, split: Optional[str] = None, out: Optional
         provenance = {"source": str(files.x.resolve()), "labels_source": str(files.y.resolve()),
                       "stain": json.dumps(stain_meta)}
         message = f"{out_path}: pack interrupted, nothing written (the same command starts it again)"
-        with _deferred_interrupt() as interrupted, atomic_path(out_path, force=force) as tmp:
+        with deferred_interrupt() as interrupted, atomic_path(out_path, force=force) as tmp:
             mean, std = _write_pcam_store(tmp, source, chunk=chunk, compression=compression, transform=transform,
                                           progress=progress, provenance=provenance,
                                           stop=lambda: _stop_if(interrupted(), message))
