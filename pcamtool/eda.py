@@ -17,8 +17,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .errors import ExistsError, PcamError, few
-from .io.fsutil import atomic_paths
+from .errors import PcamError, few
+from .io.fsutil import atomic_paths, check_output_folder
 
 log = logging.getLogger("pcamtool")
 
@@ -59,12 +59,7 @@ def _save(fig, path: Path, staged: dict[Path, Path]) -> Path:
 
 def check_outputs(out_dir: str | os.PathLike, force: bool) -> None:
     """Refuse a folder holding eda's outputs already (unless ``force``), before any work is done."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise PcamError(f"{out}: not a folder (eda writes several files into a folder)")
-    there = [name for name in OUTPUTS if os.path.lexists(out / name)]
-    if there and not force:
-        raise ExistsError(out, f"already holds {few(there)}")
+    check_output_folder(out_dir, OUTPUTS, force, "eda")
 
 
 def eda(src: str | os.PathLike, out_dir: str | os.PathLike, limit: Optional[int] = None, seed: int = 0,

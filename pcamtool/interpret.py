@@ -41,8 +41,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .errors import ExistsError, ModelError, PcamError, few
-from .io.fsutil import atomic_path
+from .errors import ModelError, PcamError, few
+from .io.fsutil import atomic_path, check_output_folder
 
 log = logging.getLogger("pcamtool")
 
@@ -102,12 +102,7 @@ def select_rows(probs: np.ndarray, labels: np.ndarray, n: int, threshold: float 
 
 def check_outputs(out_dir: str | os.PathLike, force: bool) -> None:
     """Refuse a folder holding interpret's outputs already (unless ``force``), before any work is done."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise PcamError(f"{out}: not a folder (interpret writes several files into a folder)")
-    there = [name for name in OUTPUTS if os.path.lexists(out / name)]
-    if there and not force:
-        raise ExistsError(out, f"already holds {few(there)}")
+    check_output_folder(out_dir, OUTPUTS, force, "interpret")
 
 
 # ------------------------------------------------------------------ sources

@@ -26,7 +26,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-from ..errors import BusyError, ExistsError, PcamError
+from ..errors import BusyError, ExistsError, PcamError, few
 
 try:
     import fcntl
@@ -365,6 +365,20 @@ def deferred_interrupt() -> Iterator[Callable[[], bool]]:
     finally:
         signal.signal(signal.SIGINT, previous)
 
+
+
+def check_output_folder(out_dir: str | os.PathLike, names: Sequence[str], force: bool, command: str) -> None:
+    """Refuse a folder that holds any of ``names`` already (unless ``force``), before a command does its work.
+
+    For commands that write several files into one folder (``eda``,
+    ``interpret``): ``command`` names it in the message.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise PcamError(f"{out}: not a folder ({command} writes several files into a folder)")
+    there = [name for name in names if os.path.lexists(out / name)]
+    if there and not force:
+        raise ExistsError(out, f"already holds {few(there)}")
 
 
 class WholeWrites:
