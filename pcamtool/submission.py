@@ -176,7 +176,7 @@ def merge_shards(paths: Sequence[str | os.PathLike], out: Optional[str | os.Path
     unchecked = sample_csv is None and not check_shard_names(paths)
     if out is not None:
         check_writable(out, force)  # fail before reading thousands of rows
-    seen_files: dict[Path, str] = {}
+    seen_files: set[Path] = set()
     owner: dict[str, str] = {}
     ids: list[str] = []
     values: list[float] = []
@@ -184,7 +184,7 @@ def merge_shards(paths: Sequence[str | os.PathLike], out: Optional[str | os.Path
         key = Path(path).resolve()
         if key in seen_files:
             raise PcamError(f"{path}: shard file given twice")
-        seen_files[key] = str(path)
+        seen_files.add(key)
         table = read_id_table(path, as_float=True, kind="shard", probabilities=True)
         for k, v in table.items():
             if k in owner:
@@ -193,7 +193,7 @@ def merge_shards(paths: Sequence[str | os.PathLike], out: Optional[str | os.Path
             ids.append(k)
             values.append(v)
     try:
-        ids, probs = order_like_sample(ids, np.array(values, np.float64), sample_csv)
+        ids, probs = order_like_sample(ids, values, sample_csv)
     except LabelsError:
         raise  # the sample file itself is bad: its message says so
     except PcamError as exc:

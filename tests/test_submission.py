@@ -36,6 +36,21 @@ def test_order_follows_sample(sample):
     assert got.dtype == np.float64 and got is not probs
 
 
+@pytest.mark.parametrize("probs", [np.array([0.25, 0.5], np.float32), [0, 1]])
+def test_order_returns_float64_whatever_the_input_dtype(probs):
+    # Written with "%.9g": a float32 0.1 would read back as 0.100000001 in the submission.
+    _, got = order_like_sample(["b", "a"], probs)
+    assert got.dtype == np.float64
+    assert got.tolist() == [float(probs[1]), float(probs[0])]
+
+
+def test_order_takes_only_the_ids_of_a_sample_whose_labels_are_probabilities(tmp_path: Path):
+    # A previous submission can serve as the row order: its labels are not 0/1 and do not matter.
+    template = write_csv(tmp_path / "previous.csv", ["b", "c", "a"], [0.25, 0.875, 0.5])
+    ids, probs = order_like_sample(["a", "b", "c"], [0.1, 0.2, 0.3], template)
+    assert ids == ["b", "c", "a"] and probs.tolist() == [0.2, 0.3, 0.1]
+
+
 def test_order_without_sample_is_sorted():
     ids, probs = order_like_sample(["c", "a", "b"], [0.3, 0.1, 0.2], None)
     assert ids == ["a", "b", "c"] and probs.tolist() == [0.1, 0.2, 0.3]
@@ -185,7 +200,7 @@ def test_merge_refuses_to_overwrite(tmp_path: Path):
 
 
 def test_merge_bad_inputs(tmp_path: Path):
-    with pytest.raises(PcamError, match="no shard files"):
+    with pytest.raises(PcamError, match=r"^no shard files to merge$"):
         merge_shards([], None)
     with pytest.raises(LabelsError, match="shard file not found"):
         merge_shards([tmp_path / "missing.csv"], None)
@@ -193,6 +208,33 @@ def test_merge_bad_inputs(tmp_path: Path):
     bad.write_text("id,label\na,0.1\na,0.2\n")
     with pytest.raises(LabelsError, match="bad.csv: line 3: duplicate id a"):
         merge_shards([bad], None)
+
+
+def test_merge_rejects_a_shard_value_that_is_not_a_probability(tmp_path: Path):
+    # Shards are pcamtool's own predictions: 1.5 means a broken run, not a score to rank.
+    good = write_csv(tmp_path / "s0.csv", ["a"], [0.5])
+    bad = write_csv(tmp_path / "s1.csv", ["b", "c"], [1.0, 1.5])
+    with pytest.raises(LabelsError, match=r"s1.csv: line 3: label '1.5' is not a probability \(0 to 1\)"):
+        merge_shards([good, bad], None)
+
+
+def test_merge_does_not_clobber_an_output_that_appears_while_shards_are_read(tmp_path, monkeypatch):
+    # out is checked before reading (to fail fast) and again when written: another
+    # merge to the same path may finish in between, and its file must survive.
+    import pcamtool.submission as submission
+    a = write_csv(tmp_path / "s0.csv", ["x"], [0.1])
+    out = tmp_path / "out.csv"
+    real = submission.read_id_table
+
+    def read_while_another_run_finishes(*args, **kwargs):
+        table = real(*args, **kwargs)
+        out.write_text("id,label\nother,0.5\n")
+        return table
+
+    monkeypatch.setattr(submission, "read_id_table", read_while_another_run_finishes)
+    with pytest.raises(ExistsError, match="already exists"):
+        merge_shards([a], out)
+    assert out.read_text() == "id,label\nother,0.5\n"
 
 
 # ---- a missing shard without --sample ------------------------------------
@@ -208,7 +250,7 @@ def test_merge_without_sample_notices_a_missing_shard_by_name(tmp_path, caplog, 
         ids, probs = merge_shards([c, a, b])
     assert ids == ["a", "b", "c", "d", "e"] and not caplog.records
     other = write_csv(tmp_path / "x_0-of-2.csv", ["z"], [0.9])
-    with pytest.raises(PcamError, match="disagree on the number of shards"):
+    with pytest.raises(PcamError, match=r"^shard file names disagree on the number of shards \(2, 3\)$"):
         merge_shards([a, other])
 
 
@@ -219,5 +261,6 @@ def test_merge_without_sample_or_shard_names_warns(tmp_path, caplog, monkeypatch
     with caplog.at_level("WARNING", logger="pcamtool"):
         ids, _ = merge_shards([a, b])
     assert ids == ["a", "b"]
-    assert any("missing shard cannot be noticed" in r.getMessage() and "--sample" in r.getMessage()
-               for r in caplog.records)
+    assert [r.getMessage() for r in caplog.records] == [
+        "merged 2 shard file(s) without --sample: a missing shard cannot be noticed "
+        "(give --sample, or name the shards like sub.0of2.csv)"]

@@ -438,10 +438,11 @@ def _init_weights(net: Classifier, path: str) -> None:
         raise PcamError(f"{path}: not a readable weights file ({type(exc).__name__})") from None
     if isinstance(sd, dict) and "weights" in sd:
         sd = sd["weights"]
+    # counted from the file's side: batch norm never reports a missing num_batches_tracked as missing
+    if not isinstance(sd, dict) or not set(sd) & set(net.state_dict()):
+        raise PcamError(f"{path}: no weight matches the model")
     try:
         missing, unexpected = net.load_state_dict(sd, strict=False)
     except RuntimeError as exc:
         raise PcamError(f"{path}: weights do not fit the model: {str(exc).splitlines()[0]}") from None
-    if len(missing) == len(net.state_dict()):
-        raise PcamError(f"{path}: no weight matches the model")
     log.info("initialized from %s (%d tensors missing, %d unexpected)", path, len(missing), len(unexpected))
