@@ -230,7 +230,7 @@ class BatchLoader:
         self.epoch += 1
         # batch ends: with drop_last up to len(idx) itself (a last full batch is kept), else one partial batch more
         stops = range(self.batch_size, len(idx) + (1 if self.drop_last else self.batch_size), self.batch_size)
-        parts = [idx[s - self.batch_size:s] for s in stops if s - self.batch_size < len(idx)]
+        parts = [idx[s - self.batch_size:s] for s in stops]
         copier = self.source.copier
 
         def make(k: int, part: np.ndarray) -> tuple[Batch, Any]:
@@ -270,7 +270,7 @@ class BatchLoader:
             while True:
                 item = q.get()
                 if item is None:
-                    break
+                    return
                 if isinstance(item, BaseException):
                     raise item
                 yield ready(item)
