@@ -51,7 +51,7 @@ def random_shift(x: Tensor, max_px: int, gen: torch.Generator) -> Tensor:
     """Translate each image by up to ``max_px`` pixels per axis, borders reflected."""
     if max_px <= 0:
         return x
-    off = torch.randint(0, 2 * max_px + 1, (2, x.shape[0]), generator=gen, device=gen.device)
+    off = torch.randint(2 * max_px + 1, (2, x.shape[0]), generator=gen, device=gen.device)
     return remap(x, None, off, max_px)
 
 
@@ -93,7 +93,7 @@ def color_jitter(x: Tensor, brightness: float, contrast: float, saturation: floa
     m = eye
     if saturation > 0:
         s = _uniform(gen, (b, 1, 1), saturation, 1.0, dev, dt)
-        m = (s * eye + (1 - s) * luma.view(1, 1, 3)) @ m
+        m = (s * eye + (1 - s) * luma) @ m
     if hue > 0:
         theta = _uniform(gen, (b, 1, 1), hue, 0.0, dev, dt) * (2 * math.pi)
         rot = torch.cos(theta) * eye + torch.sin(theta) * kx + (1 - torch.cos(theta)) * kk
@@ -105,7 +105,7 @@ def color_jitter(x: Tensor, brightness: float, contrast: float, saturation: floa
     if contrast > 0:
         # (M x - mu) * f + mu with mu = luma . M mean(x): mean luma after the colour matrix
         f = _uniform(gen, (b, 1, 1), contrast, 1.0, dev, dt)
-        mu = (luma.view(1, 1, 3) @ m @ flat.mean(2, keepdim=True))          # (B, 1, 1)
+        mu = (luma.view(1, 3) @ m @ flat.mean(2, keepdim=True))             # (B, 1, 1)
         out.mul_(f).add_((1 - f) * mu)
     return out.clamp_(0.0, 1.0).view(b, c, h, w)
 
@@ -138,7 +138,8 @@ def hed_to_rgb(hed: Tensor) -> Tensor:
     """Inverse of :func:`rgb_to_hed` (``hed2rgb``), clipped to ``[0, 1]``."""
     b, c, h, w = hed.shape
     m = _hed_matrices(hed.device, hed.dtype)[0].T
-    return torch.exp((m @ hed.reshape(b, c, h * w)) * -_OD_SCALE).clamp_(0.0, 1.0).view(b, 3, h, w)
+    # exp is never negative: only the top of [0, 1] needs a clip
+    return torch.exp((m @ hed.reshape(b, c, h * w)) * -_OD_SCALE).clamp_(max=1.0).view(b, 3, h, w)
 
 
 def hed_jitter(x: Tensor, sigma: float, bias: float, gen: torch.Generator) -> Tensor:
@@ -161,7 +162,8 @@ def hed_jitter(x: Tensor, sigma: float, bias: float, gen: torch.Generator) -> Te
     off = (_OD_SCALE * (beta @ h2r)).view(b, 3, 1)
     neg_od = x.clamp_min(_OD_FLOOR).log_().reshape(b, c, h * w)          # = -od
     out = torch.baddbmm(-off, mat_t, neg_od)                              # = -od'
-    return out.exp_().clamp_(0.0, 1.0).view(b, c, h, w)
+    # exp is never negative: only the top of [0, 1] needs a clip
+    return out.exp_().clamp_(max=1.0).view(b, c, h, w)
 
 
 def augment_batch(x01: Tensor, cfg: AugmentConfig, generator: torch.Generator) -> Tensor:
@@ -183,9 +185,9 @@ def augment_batch(x01: Tensor, cfg: AugmentConfig, generator: torch.Generator) -
         x = color_jitter(x, cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue, generator)
     ks = shifts = None
     if cfg.flip:
-        ks = torch.randint(0, 8, (x.shape[0],), generator=generator, device=generator.device)
+        ks = torch.randint(8, (x.shape[0],), generator=generator, device=generator.device)
     if cfg.shift and cfg.shift_px > 0:
-        shifts = torch.randint(0, 2 * int(cfg.shift_px) + 1, (2, x.shape[0]), generator=generator,
+        shifts = torch.randint(2 * int(cfg.shift_px) + 1, (2, x.shape[0]), generator=generator,
                                device=generator.device)
     if ks is not None or shifts is not None:
         # flips and shift are permutations of pixels: one gather does both

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
+from pcamtool import augment
 from pcamtool.augment import (HED_FROM_RGB, RGB_FROM_HED, augment_batch, color_jitter,
                               hed_jitter, hed_to_rgb, random_shift, rgb_to_hed)
 from pcamtool.config import AugmentConfig
@@ -23,6 +25,11 @@ def batch(n: int = 6, seed: int = 0) -> torch.Tensor:
 
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+# every stage on, with strengths small enough for real tissue
+EVERYTHING = AugmentConfig(flip=True, shift=True, shift_px=3, color=True, brightness=0.1, contrast=0.1,
+                           saturation=0.1, hue=0.05, hed=True, hed_sigma=0.05, hed_bias=0.02)
 
 
 # ------------------------------------------------------------------ dihedral
@@ -64,6 +71,27 @@ def test_each_switch_alone_changes_the_batch(switch):
         assert torch.corrcoef(torch.stack([out.flatten(), x.flatten()]))[0, 1] > 0.8
 
 
+@pytest.mark.parametrize("strengths", [
+    dict(hed=True, hed_sigma=0.1, hed_bias=0.0), dict(hed=True, hed_sigma=0.0, hed_bias=0.05),
+    dict(color=True, brightness=0.2, contrast=0.0, saturation=0.0, hue=0.0),
+    dict(color=True, brightness=0.0, contrast=0.2, saturation=0.0, hue=0.0),
+    dict(color=True, brightness=0.0, contrast=0.0, saturation=0.2, hue=0.0),
+    dict(color=True, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.1),
+    dict(shift=True, shift_px=1),
+])
+def test_one_nonzero_strength_is_enough_to_switch_a_stage_on(strengths):
+    x = batch(6)
+    cfg = dataclasses.replace(AugmentConfig.off(), **strengths)
+    got = augment_batch(x, cfg, gen(5))
+    if cfg.hed:
+        want = hed_jitter(x, cfg.hed_sigma, cfg.hed_bias, gen(5))
+    elif cfg.color:
+        want = color_jitter(x, cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue, gen(5))
+    else:
+        want = random_shift(x, cfg.shift_px, gen(5))
+    assert torch.equal(got, want) and not torch.equal(got, x)
+
+
 def test_shift_is_a_reflect_padded_crop():
     x = batch(5)
     out = random_shift(x, 4, gen(2))
@@ -71,6 +99,21 @@ def test_shift_is_a_reflect_padded_crop():
     for i in range(5):
         crops = [padded[i, :, a:a + 96, b:b + 96] for a in range(9) for b in range(9)]
         assert any(torch.equal(out[i], c) for c in crops)
+
+
+@pytest.mark.parametrize("max_px", [1, 3])
+def test_random_shift_crops_the_reflect_padded_image_at_the_offsets_it_draws(max_px):
+    """One row and one column offset in 0..2*max_px per image, and no other draw: the stream stays reproducible."""
+    x = batch(6)
+    g = gen(4)
+    out = random_shift(x, max_px, g)
+    ref = gen(4)
+    rows, cols = torch.randint(0, 2 * max_px + 1, (2, 6), generator=ref).tolist()
+    assert torch.equal(g.get_state(), ref.get_state())
+    padded = F.pad(x, (max_px,) * 4, mode="reflect")
+    for i in range(6):
+        assert torch.equal(out[i], padded[i, :, rows[i]:rows[i] + 96, cols[i]:cols[i] + 96])
+    assert not torch.equal(out, x)
 
 
 def test_color_jitter_keeps_grey_and_range():
@@ -99,6 +142,16 @@ def test_hed_matches_scikit_image_formula():
     want = (np.log(np.maximum(rgb, 1e-6)) / np.log(1e-6)) @ HED_FROM_RGB
     got = rgb_to_hed(x).permute(0, 2, 3, 1).double().numpy()
     assert np.allclose(got, want, atol=1e-5)
+
+
+def test_hed_to_rgb_is_scikit_images_hed2rgb_clipped_to_one():
+    """Negative stain amounts (HED jitter reaches them) would be brighter than blank glass: clipped to 1."""
+    hed = torch.randn(2, 3, 96, 96, generator=gen(3)) * 0.05
+    # skimage.color.hed2rgb: rgb = exp(ln(1e-6) * stains @ rgb_from_hed), clipped to [0, 1]
+    rgb = np.exp(np.log(1e-6) * (hed.permute(0, 2, 3, 1).double().numpy() @ RGB_FROM_HED))
+    assert (rgb > 1.05).mean() > 0.1 and (rgb < 0.95).mean() > 0.1  # both sides of the clip are reached
+    got = hed_to_rgb(hed).permute(0, 2, 3, 1).double().numpy()
+    np.testing.assert_allclose(got, np.clip(rgb, 0.0, 1.0), atol=1e-5)
 
 
 def test_hed_jitter_scales_the_stain_channels():
@@ -157,6 +210,53 @@ def test_same_code_on_cuda():
     assert out.device.type == "cuda" and torch.equal(out, again)
 
 
+@pytest.mark.parametrize("dtype, atol", [(torch.float16, 1e-2), (torch.float64, 1e-5)])
+def test_every_stage_keeps_the_batch_dtype(dtype, atol):
+    """A half-precision batch (to save memory) or a double one stays so, with the values of the float32 path."""
+    x = batch(4).to(dtype)
+    got = augment_batch(x, EVERYTHING, gen(1))
+    want = augment_batch(x.float(), EVERYTHING, gen(1))
+    assert got.dtype == dtype
+    assert (got.float() - want).abs().max() <= atol
+
+
+class DevicesMade(TorchFunctionMode):
+    """Records the device of every tensor that a torch function returns inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.devices: set[torch.device] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor):
+            self.devices.add(out.device)
+        return out
+
+
+def test_a_default_device_set_by_the_caller_moves_nothing():
+    """``torch.set_default_device("cuda")`` in a script must not send a CPU batch's constants or draws to the GPU.
+
+    The meta device stands in for the GPU. The colour and stain constants are
+    cached per device: the caches are emptied so that they are built under the
+    caller's default device, as in a fresh process.
+    """
+    x = batch(4)
+    want = augment_batch(x, EVERYTHING, gen(2))  # also builds tta's CPU tables, which meta could not copy back
+    want_shift = random_shift(x, 2, gen(2))
+    g, g_shift = gen(2), gen(2)
+    augment._hed_matrices.cache_clear()
+    augment._colour_constants.cache_clear()
+    # a CPU matrix product with a meta operand need not fail, so every tensor made is checked
+    with torch.device("meta"), DevicesMade() as made:
+        got = augment_batch(x, EVERYTHING, g)
+        got_shift = random_shift(x, 2, g_shift)
+        back = hed_to_rgb(rgb_to_hed(x))
+    assert made.devices == {x.device}
+    assert torch.equal(got, want) and torch.equal(got_shift, want_shift)
+    assert torch.allclose(back, x, atol=1e-5)
+
+
 def test_constants_are_made_once_per_device(monkeypatch):
     """Colour and HED matrices are cached: built per batch on a GPU, each would be a blocking host copy."""
     cfg = AugmentConfig(hed=True, shift=True)
@@ -178,6 +278,14 @@ def draws(seed: int, *shapes: tuple[int, ...]) -> list[np.ndarray]:
     return [torch.rand(s, generator=g).double().numpy() for s in shapes]
 
 
+def state_after(seed: int, *shapes: tuple[int, ...]) -> torch.Tensor:
+    """The state of a generator seeded ``seed`` once it has given exactly those U(0, 1) draws."""
+    g = gen(seed)
+    for s in shapes:
+        torch.rand(s, generator=g)
+    return g.get_state()
+
+
 @pytest.mark.parametrize("which", [dict(brightness=0.3), dict(contrast=0.4), dict(saturation=0.5), dict(hue=0.2),
                                    dict(brightness=0.2, contrast=0.3, saturation=0.4, hue=0.1)])
 def test_color_jitter_matches_the_numpy_twin(which):
@@ -187,8 +295,10 @@ def test_color_jitter_matches_the_numpy_twin(which):
     x = batch(4, seed=2) * 0.6 + 0.2
     order = [k for k in ("saturation", "hue", "brightness", "contrast") if strengths[k] > 0]
     u = dict(zip(order, (d.reshape(-1) for d in draws(9, *[(4, 1, 1)] * len(order)))))
+    g = gen(9)
     got = color_jitter(x, strengths["brightness"], strengths["contrast"], strengths["saturation"],
-                       strengths["hue"], gen(9))
+                       strengths["hue"], g)
+    assert torch.equal(g.get_state(), state_after(9, *[(4, 1, 1)] * len(order)))  # a jitter that is off draws nothing
     want = color_jitter_numpy(x.numpy(), u=u, **strengths)
     np.testing.assert_allclose(got.double().numpy(), want, atol=2e-5)
     assert not np.allclose(want, x.numpy(), atol=1e-3)
@@ -199,7 +309,9 @@ def test_hed_jitter_matches_the_numpy_twin():
 
     x = batch(3, seed=4)
     ua, ub = draws(6, (3, 3), (3, 3))
-    got = hed_jitter(x, 0.2, 0.05, gen(6))
+    g = gen(6)
+    got = hed_jitter(x, 0.2, 0.05, g)
+    assert torch.equal(g.get_state(), state_after(6, (3, 3), (3, 3)))
     want = hed_jitter_numpy(x.numpy(), 0.2, 0.05, ua, ub, RGB_FROM_HED)
     np.testing.assert_allclose(got.double().numpy(), want, atol=3e-5)
     assert np.abs(want - x.numpy()).max() > 0.01
@@ -211,15 +323,15 @@ def test_augment_batch_is_hed_then_colour_then_one_gather():
     from pcamtool.tta import remap
 
     x = batch(6, seed=8)
-    cfg = AugmentConfig(flip=True, shift=True, shift_px=3, color=True, brightness=0.1, contrast=0.1,
-                        saturation=0.1, hue=0.05, hed=True, hed_sigma=0.05, hed_bias=0.02)
-    got = augment_batch(x, cfg, gen(12))
+    used = gen(12)
+    got = augment_batch(x, EVERYTHING, used)
     g = gen(12)
     y = hed_jitter(x, 0.05, 0.02, g)
     y = color_jitter(y, 0.1, 0.1, 0.1, 0.05, g)
     ks = torch.randint(0, 8, (6,), generator=g)
     shifts = torch.randint(0, 7, (2, 6), generator=g)
     assert torch.equal(got, remap(y, ks, shifts, 3))
+    assert torch.equal(used.get_state(), g.get_state())  # and nothing else is drawn
     # shift alone: a reflect-padded crop of up to shift_px, and no transform
     only_shift = dataclasses.replace(AugmentConfig.off(), shift=True, shift_px=2)
     g = gen(3)
@@ -227,3 +339,16 @@ def test_augment_batch_is_hed_then_colour_then_one_gather():
                        remap(x, None, torch.randint(0, 5, (2, 6), generator=g), 2))
     assert torch.equal(random_shift(x, 2, gen(3)), augment_batch(x, only_shift, gen(3)))
     assert random_shift(x, 0, gen(3)) is x
+
+
+def test_random_numbers_move_to_the_batch_device():
+    """A CPU generator for a batch on another device: every stage runs on the batch's device.
+
+    The meta device stands in for a GPU: every build of torch has it, and an
+    elementwise product of a meta tensor with a CPU one fails, as with CUDA.
+    Last in the file: the first meta operation in a process imports torch's
+    Python meta kernels (2-5 s), which the other tests need not wait for.
+    """
+    x = torch.empty(4, 3, 96, 96, device="meta")
+    out = augment_batch(x, EVERYTHING, gen(0))
+    assert out.device.type == "meta" and out.shape == x.shape
