@@ -60,7 +60,7 @@ def dihedral_np(x: np.ndarray, k: int, axes: tuple[int, int] = (1, 2)) -> np.nda
     k = _check_k(k)
     if k >= 4:
         x = np.flip(x, axes[1])
-    return np.rot90(x, k % 4, axes) if k % 4 else x
+    return np.rot90(x, k % 4, axes)  # k % 4 == 0 gives x[:], a view like the rest
 
 
 def dihedral_inverse(k: int) -> int:
@@ -94,9 +94,9 @@ def tta_mean(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray, ks: Se
     activations no longer fit in cache). GPU providers average inside the
     graph instead (:func:`tta_graph`).
     """
-    total = np.zeros(len(images), np.float64)
+    total = np.zeros(len(images))  # float64 (NumPy's default), whatever dtype run returns
     for k in ks:
-        total += run(np.ascontiguousarray(dihedral_np(images, k, axes=(1, 2))))
+        total += run(np.ascontiguousarray(dihedral_np(images, k)))
     return total / len(ks)
 
 
@@ -197,7 +197,7 @@ def remap(x: Tensor, ks: Tensor | None, shifts: Tensor | None, max_shift: int) -
         src = tab_flat.index_select(0, sel)                                   # (B, H*W)
     else:
         shifts = shifts.to(device=x.device, dtype=torch.long) - max_shift
-        line = torch.arange(h, device=x.device).view(1, h)
+        line = torch.arange(h, device=x.device)                               # broadcasts against (B, 1)
         row_of = _reflect(line + shifts[0].view(b, 1), h)                     # (B, H)
         col_of = _reflect(line + shifts[1].view(b, 1), w)
         src = (row_of.gather(1, tab_r.index_select(0, sel)) * w

@@ -259,3 +259,61 @@ def test_tta_graph_accepts_opset_10_and_the_long_domain_name():
         assert ops.count("Slice") == 4 and "Concat" in ops and ops[-1] == "ReduceMean", opsets
     with pytest.raises(PcamError, match="needs opset >= 10, the model has 9"):
         tta_graph(identity([helper.make_opsetid("ai.onnx", 9), helper.make_opsetid("com.microsoft", 12)]), [0])
+
+
+def test_tta_graph_flips_the_whole_axis_of_images_larger_than_a_patch():
+    """The reversed slices run past the first row/column for any size, not only up to 96 (here 160)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    size = 160
+    # an orientation-dependent score read from the far corner: a flip that stops short of the first
+    # column would move other pixels there
+    g = helper.make_graph(
+        [helper.make_node("Slice", ["images", "s", "e", "ax"], ["block"]),
+         helper.make_node("Cast", ["block"], ["blockf"], to=TensorProto.FLOAT),
+         helper.make_node("ReduceSum", ["blockf", "axes"], ["score"], keepdims=0)],
+        "corner", [helper.make_tensor_value_info("images", TensorProto.UINT8, ["b", size, size, 3])],
+        [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["b"])],
+        [helper.make_tensor("s", TensorProto.INT64, [3], [size - 10, size - 5, 0]),
+         helper.make_tensor("e", TensorProto.INT64, [3], [size, size, 1]),
+         helper.make_tensor("ax", TensorProto.INT64, [3], [1, 2, 3]),
+         helper.make_tensor("axes", TensorProto.INT64, [3], [1, 2, 3])])
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    nhwc = torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8, generator=gen(7)).numpy()
+    for ks in ([4], [6], tta_transforms(8)):
+        sess = ort.InferenceSession(tta_graph(proto, ks).SerializeToString(), providers=["CPUExecutionProvider"])
+        got = sess.run(None, {"images": nhwc})[0]
+        # the same corner of each copy made with plain NumPy flips and turns
+        want = np.mean([np.rot90(nhwc[:, :, ::-1] if k >= 4 else nhwc, k % 4, (1, 2))[:, -10:, -5:, 0]
+                        .astype(np.float64).sum((1, 2)) for k in ks], axis=0)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_remap_moves_transforms_and_shifts_to_the_batch_device():
+    """Augmentation may draw ``ks`` and shifts with a CPU generator for a batch on the GPU.
+
+    A ``meta`` batch stands in for a GPU one (as in test_augment). Meta kernels accept a CPU
+    index where CUDA ones fail, so every op is watched for tensors on more than one device.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    mixed = []
+
+    class WatchDevices(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            # 0-d tensors are scalars, which torch lets cross devices
+            devices = {a.device for a in tree_leaves((args, kwargs or {})) if isinstance(a, torch.Tensor) and a.dim()}
+            if len(devices) > 1:
+                mixed.append((str(func), devices))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.empty(4, 3, 96, 96, device="meta")
+    ks = torch.tensor([1, 4, 6, 7])
+    shifts = torch.tensor([[0, 2, 4, 1], [3, 0, 2, 4]])
+    for args in ((ks, shifts, 2), (None, shifts, 2), (ks, None, 0), (None, None, 0)):
+        with WatchDevices():
+            out = remap(x, *args)
+        assert out.device.type == "meta" and out.shape == x.shape, args
+        assert mixed == [], (args, mixed)
