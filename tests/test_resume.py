@@ -8,6 +8,9 @@ an uninterrupted run takes.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
+import re
 import logging
 from pathlib import Path
 
@@ -19,11 +22,14 @@ from pcamtool.config import AugmentConfig, TrainConfig
 from pcamtool.contract import Classifier
 from pcamtool.device import Precision
 from pcamtool.errors import PcamError
+from pcamtool.io.store import StoreWriter
 from pcamtool.models import create_model
+from pcamtool.stain import StainReference
 from pcamtool.train.checkpoint import Checkpoint
 from pcamtool.train.data import Batch, BatchLoader, RowSource
 from pcamtool.train.loop import create_trainer, train_step
-from pcamtool.train.resume import MACHINE, RESUMABLE, check_changes, given_options, restore, training_state
+from pcamtool.train.resume import (MACHINE, RESUMABLE, check_changes, given_options, restore, resume_config,
+                                   training_state)
 
 from test_data import FakeStore
 
@@ -84,6 +90,12 @@ def test_given_options_are_the_fields_a_library_caller_set_differently():
     assert given_options(mine, run) == {"epochs": 6, "augment": {"hue": 0.05}}
     assert given_options(run, run) == {}
     assert given_options(TrainConfig(epochs=None), run) == {}   # unset counts as not given
+
+
+def test_a_library_callers_defaults_do_not_undo_the_runs_own_settings():
+    run = TrainConfig(lr=2e-3, augment=AugmentConfig(hue=0.1))
+    assert given_options(TrainConfig(), run) == {}
+    assert given_options(TrainConfig(augment=AugmentConfig(hue=0.2)), run) == {"augment": {"hue": 0.2}}
 
 
 # ------------------------------------------------------------------ state round trip
@@ -241,6 +253,17 @@ def test_old_checkpoint_without_scaler_or_rng_state(caplog):
     assert torch.equal(fresh.gen.get_state(), torch.Generator().manual_seed(3 + 7919).get_state())
 
 
+def test_a_reseeded_generator_differs_from_epoch_to_epoch():
+    # each resumed epoch must not replay the augmentation of another: seed + 7919 * epoch (7919 a prime)
+    t, loader = parts()
+    ck = checkpoint(t, loader)
+    del ck.training_state["rng"]
+    ck = Checkpoint(**{**ck.__dict__, "epoch": 2, "config": {"seed": 5}})
+    fresh, fresh_loader = parts()
+    restore(fresh, fresh_loader, ck, RUN / "last.pt", FP32, CPU)
+    assert torch.equal(fresh.gen.get_state(), torch.Generator().manual_seed(5 + 7919 * 2).get_state())
+
+
 def test_restore_messages_name_the_checkpoint(caplog):
     fp16 = Precision("cpu", torch.float16, False, "fp16: test")
     t, loader = parts()
@@ -260,3 +283,162 @@ def test_restore_messages_name_the_checkpoint(caplog):
             bad.training_state["train_weights"] = {"nonsense": torch.zeros(1)}
         with pytest.raises(PcamError, match=r"^runs/x/last.pt"):
             restore(fresh, fresh_loader, bad, RUN / "last.pt", FP32, CPU)
+
+
+# ------------------------------------------------------------------ resume_config on a run folder
+
+
+REINHARD = {"method": "reinhard", "mean": [60.0, 5.0, -3.0], "std": [12.0, 4.0, 2.5]}
+
+
+def write_store(path: Path, n: int = 6, stain: dict | None = None) -> Path:
+    images = np.zeros((n, 96, 96, 3), np.uint8)
+    attrs = {"mean": np.zeros(3), "std": np.ones(3), "count": n}
+    if stain is not None:
+        attrs["stain"] = json.dumps(stain)
+    with StoreWriter(path, n) as w:
+        w.write(images)
+        w.finish([f"r{i}" for i in range(n)], np.arange(n) % 2, attrs)
+    return path
+
+
+def write_run(tmp_path: Path, epoch: int = 2, store_count: int | None = 6, stain: dict | None = None,
+              state: dict | None = None, **cfg_kw) -> Path:
+    """A run folder as training leaves it after ``epoch`` epochs: config.json, last.pt and its store."""
+    store = tmp_path / "s.h5"
+    if not store.exists():
+        write_store(store, stain=stain)
+    run = tmp_path / "run"
+    run.mkdir(exist_ok=True)
+    cfg = TrainConfig(**{"store": str(store), "out": str(run), "arch": "pcamnet", "model_kwargs": {"width": 4},
+                         "epochs": 4, "seed": 3, **cfg_kw})
+    saved = json.loads(json.dumps(cfg.to_dict()))     # as json.dump writes it and torch.save keeps it
+    (run / "config.json").write_text(json.dumps({**saved, "resolved": {"train_rows": 4}}))
+    Checkpoint(arch="pcamnet", model_kwargs={"width": 4}, mean=(0.5,) * 3, std=(0.25,) * 3,
+               stain=StainReference.from_dict(stain), store_path=str(store), store_count=store_count,
+               config=saved, epoch=epoch,
+               training_state={"optimizer": {"state": {}, "param_groups": []}} if state is None else state,
+               ).save(run / "last.pt")
+    return run
+
+
+def test_resume_config_is_the_runs_own_config_with_its_checkpoint(tmp_path):
+    run = write_run(tmp_path, lr=2e-3)
+    dead = run / ".last.pt.99999999.0123abcd.partial"   # what a SIGKILL mid-save leaves (no such pid runs)
+    dead.write_bytes(b"half")
+    cfg, ck = resume_config(run)
+    assert not dead.exists()
+    assert cfg == TrainConfig(store=str(tmp_path / "s.h5"), out=str(run), arch="pcamnet",
+                              model_kwargs={"width": 4}, epochs=4, seed=3, lr=2e-3)
+    assert ck.epoch == 2 and ck.store_count == 6 and "optimizer" in ck.training_state
+    # the run's own folder is where it goes on, wherever its config says it was written
+    moved = tmp_path / "moved"
+    run.rename(moved)
+    assert resume_config(moved)[0].out == str(moved)
+
+
+def test_resume_config_applies_the_options_given_or_a_library_callers_config(tmp_path, caplog):
+    run = write_run(tmp_path, lr=1e-3)
+    assert resume_config(run, overrides={})[0].epochs == 4
+    # options given again with the run's own values (its folder as -o) are no change
+    assert resume_config(run, overrides={"lr": 1e-3, "out": str(run), "epochs": 5})[0].epochs == 5
+    with caplog.at_level(logging.INFO, logger="pcamtool"):
+        cfg, _ = resume_config(run, cfg=TrainConfig(epochs=6, threads=2))
+    assert (cfg.epochs, cfg.threads, cfg.lr) == (6, 2, 1e-3)   # the caller's default lr is not a change
+    assert f"resuming {run} with --epochs 6, --threads 2" in caplog.messages
+    # options the user gave rule over the library caller's config
+    assert resume_config(run, overrides={"epochs": 5}, cfg=TrainConfig(epochs=6))[0].epochs == 5
+    with pytest.raises(PcamError, match=r"^--resume: cannot change --lr on resume \(the run was trained with "
+                                        r"--lr 0.001\)"):
+        resume_config(run, cfg=TrainConfig(lr=0.1))
+
+
+def test_resume_config_refuses_fewer_epochs_than_the_run_has_trained(tmp_path):
+    run = write_run(tmp_path, epoch=2)
+    assert resume_config(run, overrides={"epochs": 2})[0].epochs == 2   # a finished run, continued to its end
+    with pytest.raises(PcamError, match=rf"^--epochs 1: {re.escape(str(run))} has already trained 2 epochs$"):
+        resume_config(run, overrides={"epochs": 1})
+
+
+def test_resume_config_of_a_run_without_a_set_length(tmp_path):
+    assert resume_config(write_run(tmp_path, epochs=None))[0].epochs is None
+
+
+def test_resume_config_refuses_what_is_not_a_run_to_resume_in_one_line(tmp_path):
+    run = write_run(tmp_path)
+    (run / "last.pt").unlink()
+    with pytest.raises(PcamError) as e:
+        resume_config(run)
+    assert str(e.value) == (f"{run}: not a run folder to resume (no last.pt: it stopped before its first epoch ended; "
+                            f"run the command that started it again)")
+    saved = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**saved, "lr": -1}))
+    with pytest.raises(PcamError, match=rf"^{re.escape(str(run / 'config.json'))}: --lr must be"):
+        resume_config(run)
+
+
+@pytest.mark.parametrize("state", [{}, {"sampler": {"epoch": 2}}], ids=["none", "no optimizer"])
+def test_resume_config_refuses_a_checkpoint_without_training_state(tmp_path, state):
+    run = write_run(tmp_path, state=state)   # a best.pt copied over last.pt, or one of an older pcamtool
+    with pytest.raises(PcamError, match=rf"^{re.escape(str(run))}/last.pt: holds no training state to resume from$"):
+        resume_config(run)
+
+
+def test_resume_config_refuses_a_checkpoint_without_its_config(tmp_path):
+    run = write_run(tmp_path)
+    dataclasses.replace(Checkpoint.load(run / "last.pt"), config={}).save(run / "last.pt")
+    with pytest.raises(PcamError, match=r"last.pt: holds no training state to resume from$"):
+        resume_config(run)
+
+
+def test_resume_config_refuses_another_runs_checkpoint_naming_both_sides(tmp_path):
+    run = write_run(tmp_path)
+    ck = Checkpoint.load(run / "last.pt")
+    dataclasses.replace(ck, config={**ck.config, "arch": "simple", "seed": 5}).save(run / "last.pt")
+    with pytest.raises(PcamError) as e:
+        resume_config(run)
+    assert str(e.value) == (f"{run}/last.pt: belongs to another run (arch 'simple', seed 5, "
+                            f"where config.json says 'pcamnet', 3)")
+
+
+def test_resume_config_refuses_a_store_with_other_rows(tmp_path):
+    run = write_run(tmp_path, store_count=7)
+    with pytest.raises(PcamError) as e:
+        resume_config(run)
+    assert str(e.value) == f"{run}: run was trained on 7 images, {tmp_path / 's.h5'} has 6"
+    # a checkpoint of an older pcamtool that did not record the count is taken at its word
+    assert resume_config(write_run(tmp_path, store_count=None))[0].store == str(tmp_path / "s.h5")
+
+
+def test_resume_config_takes_a_store_with_the_same_stain_normalization(tmp_path):
+    run = write_run(tmp_path, stain=REINHARD)
+    assert resume_config(run)[1].stain == StainReference.from_dict(REINHARD)
+
+
+def test_resume_config_refuses_a_store_packed_with_other_stain_normalization(tmp_path):
+    write_store(tmp_path / "s.h5")
+    run = write_run(tmp_path, stain=REINHARD)
+    with pytest.raises(PcamError) as e:
+        resume_config(run)
+    assert str(e.value) == (f"{tmp_path / 's.h5'}: packed with stain normalization 'none', but {run} was trained on "
+                            f"images normalized with 'reinhard' (reference 60.0, 5.0, -3.0, ...) (the store was "
+                            f"replaced; resume on the store it was trained on, or start a new run)")
+
+
+def test_a_cuda_run_saves_and_restores_the_generator_of_its_own_device(monkeypatch):
+    # dropout on a GPU draws from that device's generator; torch.cuda is faked so this runs on any machine
+    gpu = torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": ("state of", device))
+    t, loader = parts()
+    rng = training_state(t, loader, gpu)["rng"]
+    assert rng["device"] == "cuda" and rng["cuda"] == ("state of", gpu)
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append((state, device)))
+    ck = checkpoint(t, loader)
+    saved = torch.arange(16, dtype=torch.uint8)
+    ck.training_state["rng"] = {**ck.training_state["rng"], "device": "cuda", "cuda": saved}
+    fresh, fresh_loader = parts(seed=9)
+    restore(fresh, fresh_loader, ck, RUN / "last.pt", FP32, gpu)
+    assert len(restored) == 1 and restored[0][0] is saved and restored[0][1] == gpu
+    assert torch.equal(fresh.gen.get_state(), ck.training_state["rng"]["augment"])

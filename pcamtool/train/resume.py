@@ -187,11 +187,11 @@ def restore(t: Resumable, loader: BatchLoader, ck: Checkpoint, where: Path, prec
     except (ValueError, KeyError, RuntimeError) as exc:
         raise PcamError(f"{where}: optimizer state does not fit this run ({str(exc).splitlines()[0]})") from None
     loader.load_state_dict(state.get("sampler", {"epoch": state["epoch"]}))
-    if state.get("precision", precision.name) == precision.name:
+    if state["precision"] == precision.name:
         t.scaler.load_state_dict(state.get("scaler", {}))
     else:
         log.warning("%s: trained in %s, resumed in %s: the loss scaler starts afresh",
-                    where, state.get("precision"), precision.name)
+                    where, state["precision"], precision.name)
     rng = state.get("rng", {})
     if rng.get("device") == device.type:
         t.gen.set_state(rng["augment"])
