@@ -230,6 +230,13 @@ def test_fp16_scaler_skips_overflowing_steps_and_counts_them():
     assert int(fresh.skipped) == 0 and fresh.scaler.get_scale() == scale / 4
 
 
+@pytest.mark.parametrize("precision", [FP32, FP16])
+def test_skip_counter_lives_on_the_training_device(precision):
+    # counting on the device is what spares the host a sync every step; "meta" stands in for a GPU here
+    s = LossScaler(precision, torch.device("meta"))
+    assert s.skipped.device == torch.device("meta") and s.skipped.dtype == torch.int64 and s.skipped.dim() == 0
+
+
 # ------------------------------------------------------------------ Dist
 
 

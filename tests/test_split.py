@@ -216,6 +216,20 @@ def test_read_groups_reads_csv_as_the_csv_module_means(tmp_path: Path):
         read_groups(p / "x", np.array(["a"]))
 
 
+def test_a_long_decoder_message_is_cut_to_80_characters(tmp_path: Path):
+    # a bad 3-byte sequence past byte 1000 makes the decoder's message 81 characters long
+    data = b"id,group\n" + b"a,s\n" * 300 + b"\xf0\x90\x80A\n"
+    with pytest.raises(UnicodeDecodeError) as decoded:
+        data.decode("utf-8")
+    text = str(decoded.value)
+    assert len(text) > 80
+    p = tmp_path / "g.csv"
+    p.write_bytes(data)
+    with pytest.raises(PcamError) as e:
+        read_groups(p, np.array(["a"]))
+    assert str(e.value) == f"{p}: not an id,group CSV text file (UnicodeDecodeError: {text[:80]})"
+
+
 def test_defaults_are_a_fifth_held_out_with_seed_zero():
     y = labels(100)
     tr, va = make_split(y)

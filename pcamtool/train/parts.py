@@ -110,7 +110,7 @@ class LossScaler:
     def _update_counting(self) -> None:
         before = self.scaler._scale.clone()  # private, but the only sync-free view of the scale
         self.scaler.update()
-        self.skipped += (self.scaler._scale < before).to(torch.int64)
+        self.skipped += self.scaler._scale < before   # a bool added in place to the int64 count stays int64
 
     def state_dict(self) -> dict[str, Any]:
         return {"scaler": self.scaler.state_dict(), "skipped": int(self.skipped)}
