@@ -65,10 +65,10 @@ def binary_metrics(probs: np.ndarray, labels: np.ndarray,
     p = np.asarray(probs, np.float64)
     y = np.asarray(labels, np.float64) >= 0.5
     pc = np.clip(p, PROB_EPS, 1 - PROB_EPS)
-    loss = float(-np.mean(np.where(y, np.log(pc), np.log(1 - pc)))) if len(p) else float("nan")
+    loss = float(-np.mean(np.where(y, np.log(pc), np.log(1 - pc)))) if len(p) else np.nan
     two_classes = 0 < int(y.sum()) < len(y)
-    auc = float(roc_auc_score(y, p)) if two_classes else float("nan")
-    acc = float(np.mean((p >= threshold) == y)) if len(p) else float("nan")
+    auc = float(roc_auc_score(y, p)) if two_classes else np.nan
+    acc = float(np.mean((p >= threshold) == y)) if len(p) else np.nan
     return {"loss": loss, "auc": auc, "acc": acc}
 
 
@@ -160,7 +160,7 @@ def _check_inputs(probs: np.ndarray, labels: np.ndarray, ids: Optional[Sequence[
     if bad.size:
         raise PcamError(f"{probs_source}: {bad.size} probabilit{'y is' if bad.size == 1 else 'ies are'} "
                         f"outside [0, 1] or not finite: {name(bad)} "
-                        f"(e.g. {p[bad[0]]!r}; a submission holds probabilities, not logits)")
+                        f"(e.g. {float(p[bad[0]])!r}; a submission holds probabilities, not logits)")
     bad = np.flatnonzero((y != 0) & (y != 1))
     if bad.size:
         raise PcamError(f"{labels_source}: {bad.size} label(s) are not 0 or 1: {name(bad)}")
@@ -226,10 +226,12 @@ def evaluate_arrays(probs: Sequence[float] | np.ndarray, labels: Sequence[int] |
     scores = binary_metrics(p, y, threshold)
     # Every distinct score is a candidate threshold (no dropped points), so
     # ties in J resolve the same way whatever sklearn's pruning does: the
-    # first, i.e. the highest threshold, wins.
+    # first, i.e. the highest threshold, wins. Rounded, so that equal J computed
+    # from different fractions (1 - 1/3 against 2/3 - 0) tie instead of one
+    # winning by its last bit; distinct J differ by at least 1 / (positives * negatives), >> 1e-12.
     fpr, tpr, thresholds = roc_curve(y, p, drop_intermediate=False)
     finite = np.isfinite(thresholds)  # the first threshold (inf) predicts nothing positive
-    j = np.where(finite, tpr - fpr, -np.inf)
+    j = np.where(finite, np.round(tpr - fpr, 12), -np.inf)
     k = int(np.argmax(j))
     best = float(thresholds[k])
     at_fixed = p >= threshold
@@ -284,7 +286,7 @@ def plot_roc(fpr: np.ndarray, tpr: np.ndarray, report: EvalReport,
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
     ax.set_title(f"ROC curve, {report.n} rows ({report.n_positive} positive)")
-    ax.grid(True, alpha=0.3)
+    ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     with atomic_path(path, force=force) as tmp:
@@ -303,7 +305,7 @@ def _answer_key(path: str | os.PathLike) -> dict[str, float]:
 
             store = open_store(path, need_labels=True)
             return dict(zip(store.ids.tolist(), store.labels.tolist()))
-    return read_id_table(path, kind="labels")
+    return read_id_table(path)
 
 
 def evaluate_submission(submission_csv: str | os.PathLike, labels_csv: str | os.PathLike,
