@@ -128,7 +128,8 @@ def test_checkpoint_records_the_averaged_weights_the_store_and_the_run(store, tm
     assert np.allclose(ck.mean, s.mean) and np.allclose(ck.std, s.std)
     assert ck.store_path == str(store.resolve()) and ck.store_count == len(s) == 48
     assert ck.stain.method == "none" and ck.config == json.loads(json.dumps(cfg.to_dict()))
-    assert ck.precision in ("fp32", "bf16") and ck.epoch == 1 and len(ck.metrics) == 1
+    resolved = json.loads((res.run_dir / "config.json").read_text())["resolved"]
+    assert ck.precision == resolved["precision"] and ck.epoch == 1 and len(ck.metrics) == 1
     raw = Checkpoint.load(res.run_dir / "last.pt").training_state["train_weights"]
     # best.pt keeps the exponential average, not the raw weights the optimizer moved
     diffs = [not torch.equal(ck.weights[k], raw[k]) for k in raw if raw[k].is_floating_point() and "weight" in k]
@@ -155,6 +156,7 @@ def test_progress_bar_names_the_epoch_on_stderr(store, tmp_path, capsys):
     fit(small(store, tmp_path / "r", epochs=2), progress=True)
     err = capsys.readouterr().err
     assert "epoch 1/2" in err and "epoch 2/2" in err
+    assert "32.0/32.0" in err   # 38 training rows in full batches of 16: the bar counts to 32 images
     fit(small(store, tmp_path / "q", epochs=1), progress=False)
     assert "epoch 1/1" not in capsys.readouterr().err
 
@@ -220,7 +222,8 @@ def test_tensorboard_log_gets_the_run_and_every_epoch(store, tmp_path, monkeypat
             calls.append(("start", config["epochs"], len(store), len(rows), augment, seed))
 
         def epoch(self, row, probs=None, labels=None, improved=False):
-            calls.append(("epoch", row["epoch"], None if probs is None else len(probs), improved))
+            calls.append(("epoch", row["epoch"], None if probs is None else len(probs),
+                          None if labels is None else len(labels), improved))
 
     opened = []
     monkeypatch.setattr(loop, "open_log", lambda root, run_dir, main: opened.append((root, run_dir, main)) or Recorder())
@@ -228,7 +231,7 @@ def test_tensorboard_log_gets_the_run_and_every_epoch(store, tmp_path, monkeypat
     cfg = small(store, tmp_path / "r", epochs=2, seed=4, tensorboard=str(tmp_path / "tb"))
     fit(cfg, progress=False)
     assert opened == [(str(tmp_path / "tb"), tmp_path / "r", True)]
-    assert calls == [("start", 2, 48, 38, cfg.augment, 4), ("epoch", 1, 2, True), ("epoch", 2, 2, False)]
+    assert calls == [("start", 2, 48, 38, cfg.augment, 4), ("epoch", 1, 2, 2, True), ("epoch", 2, 2, 2, False)]
 
 
 def test_init_weights_loads_a_run_or_a_state_dict_and_refuses_what_does_not_fit(store, tmp_path, logs):
@@ -270,3 +273,12 @@ def test_init_weights_loads_a_run_or_a_state_dict_and_refuses_what_does_not_fit(
                                         rf"Error\(s\) in loading state_dict for Classifier:$"):
         fit(small(store, tmp_path / "d", init_weights=str(wrong)), progress=False)
     assert not (tmp_path / "d").exists()
+
+
+def test_a_fine_tuning_recipe_logs_when_the_backbone_freezes_and_thaws(store, tmp_path, monkeypatch, logs):
+    # the built-in networks have no separate head; a transfer network's recipe is stood in for
+    states = {1: True, 2: False, 3: None}
+    monkeypatch.setattr(loop, "apply_epoch", lambda net, epoch, recipe: states[epoch])
+    fit(small(store, tmp_path / "r", epochs=3), progress=False)
+    assert [m for m in logs.messages if m.startswith("epoch ") and ": " in m.split("  ")[0]] == \
+           ["epoch 1: head only (backbone frozen)", "epoch 2: all layers (backbone at lr x 1)"]

@@ -10,6 +10,7 @@ from pcamtool.contract import Classifier, to_float01
 from pcamtool.device import Precision
 from pcamtool.models import create_model
 from pcamtool.train.data import Batch
+import pcamtool.train.loop as loop
 from pcamtool.train.loop import create_trainer, train_step
 
 from oracles import bce_with_logits
@@ -118,3 +119,57 @@ def test_create_trainer_seeds_each_rank_and_lays_out_the_network():
     convs = [m.weight for m in t2.net.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
     assert t2.memory_format == torch.channels_last
+
+
+class _Bar:
+    """What train_one_epoch needs of a tqdm bar: counts and the loss postfixes it was shown."""
+
+    disable = False
+
+    def __init__(self) -> None:
+        self.n, self.postfix = 0, []
+
+    def update(self, k: int) -> None:
+        self.n += k
+
+    def set_postfix(self, refresh: bool = True, **kw) -> None:
+        self.postfix.append(kw["loss"])
+
+
+def scripted_steps(monkeypatch, losses: list[float]) -> None:
+    """train_step answers the given batch-mean losses in turn, warning like an fp16 run's first skipped steps."""
+    it = iter(losses)
+
+    def step(t, b):
+        import warnings
+
+        warnings.warn("Detected call of `lr_scheduler.step()` before `optimizer.step()`. ...", UserWarning)
+        return torch.tensor(next(it), dtype=torch.float64)
+
+    monkeypatch.setattr(loop, "train_step", step)
+
+
+class _Loader(list):
+    """Batches of the given sizes (train_one_epoch reads only len(b.index))."""
+
+    def __init__(self, sizes: list[int]) -> None:
+        super().__init__(Batch(None, None, np.arange(n)) for n in sizes)
+
+
+def test_epoch_loss_is_the_image_weighted_mean_and_the_bar_shows_the_running_mean(monkeypatch, recwarn):
+    t = trainer(0.0)
+    scripted_steps(monkeypatch, [1.0, 2.0, 4.0, 8.0])
+    monkeypatch.setattr(loop, "BAR_EVERY", 2)
+    bar = _Bar()
+    st = loop.train_one_epoch(t, _Loader([4, 4, 4, 2]), bar)
+    assert st.loss == pytest.approx((4 * 1 + 4 * 2 + 4 * 4 + 2 * 8) / 14) and st.images == 14
+    assert st.skipped_steps == 0 and st.seconds > 0
+    assert bar.n == 14 and bar.postfix == [f"{(4 + 8) / 8:.4f}", f"{(4 + 8 + 16 + 16) / 14:.4f}"]
+    assert not [w for w in recwarn if "lr_scheduler.step" in str(w.message)]   # expected with fp16: kept quiet
+
+
+def test_epoch_without_a_bar_or_with_one_image(monkeypatch):
+    t = trainer(0.0)
+    scripted_steps(monkeypatch, [0.5])
+    st = loop.train_one_epoch(t, _Loader([1]))
+    assert (st.loss, st.images) == (0.5, 1)
