@@ -282,3 +282,42 @@ def test_a_fine_tuning_recipe_logs_when_the_backbone_freezes_and_thaws(store, tm
     fit(small(store, tmp_path / "r", epochs=3), progress=False)
     assert [m for m in logs.messages if m.startswith("epoch ") and ": " in m.split("  ")[0]] == \
            ["epoch 1: head only (backbone frozen)", "epoch 2: all layers (backbone at lr x 1)"]
+
+
+def test_resume_of_a_missing_run_creates_nothing(store, tmp_path):
+    with pytest.raises(PcamError, match="not a run folder"):
+        fit(small(store, tmp_path / "r"), resume=tmp_path / "nowhere" / "run", progress=False)
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_resume_that_fails_keeps_the_run_it_continued(store, tmp_path, monkeypatch):
+    run = fit(small(store, tmp_path / "r", epochs=1), progress=False).run_dir
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+
+    def broken(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(loop, "train_one_epoch", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(small(store, run, epochs=2), resume=run, progress=False)
+    kept = ("best.pt", "last.pt", "metrics.csv")   # config.json records the new --epochs before training starts
+    assert {n: (run / n).read_bytes() for n in kept} == {n: before[n] for n in kept}
+
+
+def test_a_resumed_run_with_export_replaces_its_onnx_model(store, tmp_path, monkeypatch):
+    scripted_auc(monkeypatch, [0.6])
+    run = fit(small(store, tmp_path / "r", epochs=1, export=True), progress=False).run_dir
+    first = (run / "model.onnx").read_bytes()
+    scripted_auc(monkeypatch, [0.9])   # epoch 2 is the new best: its weights are exported
+    fit(small(store, run, epochs=2, export=True), resume=run, progress=False)
+    assert (run / "model.onnx").read_bytes() != first
+
+
+def test_an_unlabelled_validation_store_is_refused(store, tmp_path):
+    from helpers import write_kaggle
+    from pcamtool import pack
+
+    write_kaggle(tmp_path / "u", n=8, split="test", labels=False)
+    unlabelled = pack(tmp_path / "u" / "test", progress=False).path
+    with pytest.raises(PcamError, match="no labels"):
+        fit(small(store, tmp_path / "r", val_store=str(unlabelled)), progress=False)
