@@ -152,14 +152,18 @@ def test_threads_and_seed_are_applied(store, tmp_path, monkeypatch):
     assert torch.backends.cudnn.benchmark is False                 # only on CUDA
 
 
-def test_progress_bar_names_the_epoch_on_stderr(store, tmp_path, capsys):
+def test_progress_bar_counts_each_epochs_images_on_stderr(store, tmp_path, capsys, monkeypatch):
+    made = []
+    real = loop.progress_bar
+    monkeypatch.setattr(loop, "progress_bar", lambda **kw: made.append(kw) or real(**kw))
     fit(small(store, tmp_path / "r", epochs=2), progress=True)
+    # 38 training rows in full batches of 16: the bar counts to 32 images
+    assert made == [dict(total=32, desc="epoch 1/2", enabled=True), dict(total=32, desc="epoch 2/2", enabled=True)]
     err = capsys.readouterr().err
     assert "epoch 1/2" in err and "epoch 2/2" in err
-    assert "32.0/32.0" in err   # 38 training rows in full batches of 16: the bar counts to 32 images
+    made.clear()
     fit(small(store, tmp_path / "q", epochs=1), progress=False)
-    assert "epoch 1/1" not in capsys.readouterr().err
-
+    assert made == [dict(total=32, desc="epoch 1/1", enabled=False)] and "epoch 1/1" not in capsys.readouterr().err
 
 def test_out_of_memory_suggests_half_the_batch_and_keeps_nothing(store, tmp_path, monkeypatch):
     def oom(*a, **k):
