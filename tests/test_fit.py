@@ -109,8 +109,9 @@ def test_an_equal_auc_is_not_an_improvement_and_patience_stops_the_run(store, tm
     lines = [m for m in logs.messages if m.startswith("epoch ")]
     assert len(lines) == 3 and lines[0].startswith("epoch 1/5  loss ") and lines[0].endswith("  *best")
     assert "val_auc 0.7000  val_acc 0.7500" in lines[1] and not lines[1].endswith("*best")
-    assert any(m.startswith("training simple on cpu (") and "38 train / 10 val images, 5 epochs, run " in m
-               for m in logs.messages)
+    cache = json.loads((res.run_dir / "config.json").read_text())["resolved"]["cache"]
+    assert any(m.startswith("training simple on cpu (") and f", {cache} cache): 38 train / 10 val images, 5 epochs, "
+               f"run {res.run_dir}" in m for m in logs.messages)
 
 
 def test_patience_counts_from_the_last_improvement(store, tmp_path, monkeypatch):
@@ -325,3 +326,12 @@ def test_an_unlabelled_validation_store_is_refused(store, tmp_path):
     unlabelled = pack(tmp_path / "u" / "test", progress=False).path
     with pytest.raises(PcamError, match="no labels"):
         fit(small(store, tmp_path / "r", val_store=str(unlabelled)), progress=False)
+
+
+def test_skipped_fp16_steps_are_counted_in_the_log_and_the_metrics(store, tmp_path, monkeypatch, logs):
+    # fp16 runs only on CUDA; the loss scaler's count of skipped steps is stood in for
+    monkeypatch.setattr(loop, "train_one_epoch", lambda t, loader, bar=None: loop.EpochStats(0.5, 32, 3, 0.25))
+    res = fit(small(store, tmp_path / "r"), progress=False)
+    line = next(m for m in logs.messages if m.startswith("epoch 1/1  loss 0.5000"))
+    assert "  128 img/s  0.2s  (3 fp16 steps skipped)  *best" in line
+    assert metrics(res.run_dir)[0]["skipped_steps"] == "3"
