@@ -49,7 +49,8 @@ def pick(frac: float, seed: int = 61206, root: Path = Path(".")) -> dict:
         for k in rerun:
             codes[k] = UNTESTED          # mutmut tests it again on the next run that names it
         meta.write_text(json.dumps(data))
-        untested = sorted(k for k, v in codes.items() if v is UNTESTED and k not in set(rerun))
+        rerun_set = set(rerun)
+        untested = sorted(k for k, v in codes.items() if v is UNTESTED and k not in rerun_set)
         rng.shuffle(untested)
         module = str(meta.relative_to(root / "mutants"))[:-len(".meta")]
         plan["modules"][module] = {"total": len(codes), "rerun": rerun, "untested": untested}
@@ -84,12 +85,13 @@ def score(plan: dict, root: Path = Path(".")) -> None:
     print("|---|---:|---:|---:|---:|---:|---:|")
     for module, m in plan["modules"].items():
         rerun, untested = set(m["rerun"]), m["untested"]
+        untested_set = set(untested)
         step = math.ceil(len(untested) * plan["frac"])
         # only whole batches: a batch stopped half-way would favour the mutants mutmut runs first (the fast ones)
         batches = [untested[i:i + step] for i in range(0, len(untested), step)] if step else []
         sample = [n for b in batches if all(codes.get(x) is not UNTESTED for x in b) for n in b]
         own = [k for k in codes if k.startswith(module[:-3].replace("/", ".") + ".")]
-        known = sum(1 for k in own if k not in rerun and k not in set(untested) and codes[k] in KILLED)
+        known = sum(1 for k in own if k not in rerun and k not in untested_set and codes[k] in KILLED)
         r_run = [k for k in rerun if codes.get(k) is not UNTESTED]
         r_killed = sum(codes[k] in KILLED for k in r_run)
         s_killed = sum(codes[k] in KILLED for k in sample)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -50,3 +51,17 @@ def default_sigint() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def write_store(path: Path, labels, ids=None, stain: dict | None = None) -> Path:
+    """A store of ``len(labels)`` random patches written directly (no pack); a label of -1 is unlabelled."""
+    from pcamtool.io.store import StoreWriter
+
+    n = len(labels)
+    attrs = {"mean": np.zeros(3), "std": np.ones(3), "count": n}
+    if stain is not None:
+        attrs["stain"] = json.dumps(stain)
+    with StoreWriter(path, n) as w:
+        w.write(random_patches(n))
+        w.finish(list(ids) if ids is not None else [f"r{i}" for i in range(n)], np.asarray(labels, np.int8), attrs)
+    return path

@@ -16,9 +16,8 @@ from sklearn.metrics import accuracy_score, confusion_matrix, log_loss, roc_auc_
 from pcamtool import evaluate
 from pcamtool.errors import ExistsError, LabelsError, PcamError
 from pcamtool.evaluate import PROB_EPS, EvalReport, binary_metrics, evaluate_arrays, evaluate_submission
-from pcamtool.io.store import StoreWriter
 
-from helpers import random_patches
+from helpers import write_store
 
 
 def scores(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -453,16 +452,9 @@ def test_a_missing_answer_key_is_named(tmp_path: Path):
         evaluate_submission(sub, tmp_path / "nope.csv")
 
 
-def _store(path: Path, ids: list[str], labels: list[int]) -> Path:
-    with StoreWriter(path, len(ids), chunk=4) as w:
-        w.write(random_patches(len(ids)))
-        w.finish(ids, np.array(labels, np.int8), {"mean": np.zeros(3), "std": np.ones(3), "count": len(ids)})
-    return path
-
-
 def test_answer_key_may_be_a_labelled_store(tmp_path: Path):
     ids = [f"pcam-test-{i}" for i in range(6)]
-    key = _store(tmp_path / "test.h5", ids, [0, 1, 0, 1, 1, 0])
+    key = write_store(tmp_path / "test.h5", [0, 1, 0, 1, 1, 0], ids)
     sub = write_csv(tmp_path / "sub.csv", ids[::-1], [0.1, 0.8, 0.7, 0.3, 0.6, 0.2])  # file order differs
     r = evaluate_submission(sub, key)
     # rows in id order: p = 0.2 0.6 0.3 0.7 0.8 0.1 against 0 1 0 1 1 0: every positive above every negative
@@ -472,7 +464,7 @@ def test_answer_key_may_be_a_labelled_store(tmp_path: Path):
 
 def test_an_unlabelled_store_is_refused_as_answer_key(tmp_path: Path):
     ids = [f"pcam-test-{i}" for i in range(4)]
-    key = _store(tmp_path / "test.h5", ids, [-1, -1, -1, -1])
+    key = write_store(tmp_path / "test.h5", [-1, -1, -1, -1], ids)
     sub = write_csv(tmp_path / "sub.csv", ids, [0.1, 0.8, 0.7, 0.3])
     with pytest.raises(PcamError, match=r"test.h5: store has no labels"):
         evaluate_submission(sub, key)

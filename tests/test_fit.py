@@ -8,7 +8,6 @@ without training to a given quality (``test_train.py`` does that, slowly).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 from pathlib import Path
@@ -23,7 +22,7 @@ from pcamtool.io.store import open_store
 from pcamtool.train.checkpoint import Checkpoint, split_rows
 from pcamtool.train.loop import fit
 
-from test_train import learnable_store, tiny
+from test_train import learnable_store, read_metrics, tiny
 
 pytestmark = pytest.mark.usefixtures("no_curves")
 
@@ -59,11 +58,6 @@ def scripted_auc(monkeypatch, aucs: list[float]) -> list[torch.nn.Module]:
     return seen
 
 
-def metrics(run: Path) -> list[dict[str, str]]:
-    with open(run / "metrics.csv") as f:
-        return list(csv.DictReader(f))
-
-
 def test_config_json_records_what_the_run_resolved(store, tmp_path):
     cfg = small(store, tmp_path / "r", seed=3)
     res = fit(cfg, progress=False)
@@ -83,7 +77,7 @@ def test_result_and_metrics_follow_the_scripted_aucs(store, tmp_path, monkeypatc
     res = fit(small(store, tmp_path / "r", epochs=3), progress=False)
     assert (res.run_dir, res.best_auc, res.best_epoch, res.last_epoch) == (tmp_path / "r", 0.8, 2, 3)
     assert res.seconds > 0
-    rows = metrics(res.run_dir)
+    rows = read_metrics(res.run_dir)
     assert [(r["epoch"], float(r["val_auc"]), float(r["val_acc"]), float(r["val_loss"])) for r in rows] == \
            [("1", 0.6, 0.75, 0.5), ("2", 0.8, 0.75, 0.5), ("3", 0.7, 0.75, 0.5)]
     for r in rows:
@@ -334,4 +328,4 @@ def test_skipped_fp16_steps_are_counted_in_the_log_and_the_metrics(store, tmp_pa
     res = fit(small(store, tmp_path / "r"), progress=False)
     line = next(m for m in logs.messages if m.startswith("epoch 1/1  loss 0.5000"))
     assert "  128 img/s  0.2s  (3 fp16 steps skipped)  *best" in line
-    assert metrics(res.run_dir)[0]["skipped_steps"] == "3"
+    assert read_metrics(res.run_dir)[0]["skipped_steps"] == "3"

@@ -22,7 +22,6 @@ from pcamtool.config import AugmentConfig, TrainConfig
 from pcamtool.contract import Classifier
 from pcamtool.device import Precision
 from pcamtool.errors import PcamError
-from pcamtool.io.store import StoreWriter
 from pcamtool.models import create_model
 from pcamtool.stain import StainReference
 from pcamtool.train.checkpoint import Checkpoint
@@ -31,6 +30,7 @@ from pcamtool.train.loop import create_trainer, train_step
 from pcamtool.train.resume import (MACHINE, RESUMABLE, check_changes, given_options, restore, resume_config,
                                    training_state)
 
+from helpers import write_store
 from test_data import FakeStore
 
 CPU = torch.device("cpu")
@@ -291,23 +291,12 @@ def test_restore_messages_name_the_checkpoint(caplog):
 REINHARD = {"method": "reinhard", "mean": [60.0, 5.0, -3.0], "std": [12.0, 4.0, 2.5]}
 
 
-def write_store(path: Path, n: int = 6, stain: dict | None = None) -> Path:
-    images = np.zeros((n, 96, 96, 3), np.uint8)
-    attrs = {"mean": np.zeros(3), "std": np.ones(3), "count": n}
-    if stain is not None:
-        attrs["stain"] = json.dumps(stain)
-    with StoreWriter(path, n) as w:
-        w.write(images)
-        w.finish([f"r{i}" for i in range(n)], np.arange(n) % 2, attrs)
-    return path
-
-
 def write_run(tmp_path: Path, epoch: int = 2, store_count: int | None = 6, stain: dict | None = None,
               state: dict | None = None, **cfg_kw) -> Path:
     """A run folder as training leaves it after ``epoch`` epochs: config.json, last.pt and its store."""
     store = tmp_path / "s.h5"
     if not store.exists():
-        write_store(store, stain=stain)
+        write_store(store, [0, 1] * 3, stain=stain)
     run = tmp_path / "run"
     run.mkdir(exist_ok=True)
     cfg = TrainConfig(**{"store": str(store), "out": str(run), "arch": "pcamnet", "model_kwargs": {"width": 4},
@@ -416,7 +405,7 @@ def test_resume_config_takes_a_store_with_the_same_stain_normalization(tmp_path)
 
 
 def test_resume_config_refuses_a_store_packed_with_other_stain_normalization(tmp_path):
-    write_store(tmp_path / "s.h5")
+    write_store(tmp_path / "s.h5", [0, 1] * 3)
     run = write_run(tmp_path, stain=REINHARD)
     with pytest.raises(PcamError) as e:
         resume_config(run)

@@ -366,7 +366,6 @@ def deferred_interrupt() -> Iterator[Callable[[], bool]]:
         signal.signal(signal.SIGINT, previous)
 
 
-
 def check_output_folder(out_dir: str | os.PathLike, names: Sequence[str], force: bool, command: str) -> None:
     """Refuse a folder that holds any of ``names`` already (unless ``force``), before a command does its work.
 
